@@ -1,0 +1,1052 @@
+"""Tests for retrv_r1.py: CPU only, fixed seeds, fast. Run: pytest -q test_retrv_r1.py"""
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import retrv_r1 as R
+
+ROOT = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------- fixtures: a tiny world, a tiny model
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    cfg = R.make_config("smoke", n_train=6, n_val=4, n_test=4, n_hard_neg=7)
+    root = tmp_path_factory.mktemp("w") / "world"
+    R.generate_world(cfg, root, verbose=False)
+    return cfg, root
+
+
+@pytest.fixture(scope="session")
+def small(world):
+    """An untrained tiny backbone (random init is enough for exactness tests) with theta + embedder."""
+    cfg, root = world
+    cfg = R.make_config("smoke", data_root=str(root), n_train=6, n_val=4, n_test=4, n_hard_neg=7,
+                        vision_layers=1, text_layers=2)
+    torch.manual_seed(0)
+    bb = R.new_tiny_backbone(cfg).eval()
+    theta = R.Reasoner(bb, cfg).eval()
+    emb = R.Embedder(bb, R.ImageCache(bb.image_size))
+    splits = R.load_split(root, "val")
+    qs, cs = [], []
+    for ts in splits:
+        for i in range(2):
+            qs.append(R.query_item(ts, i))
+            cs.append([R.cand_item(ts, j) for j in (ts.pos[i] + ts.neg[i])[:4]])
+    with torch.no_grad():
+        prompts = R.build_prompts(theta, emb, qs, cs)
+    return cfg, theta, emb, prompts
+
+
+# ---------------------------------------------------------------- 1. config and CLI
+def test_argparse_is_generated_from_every_config_field():
+    p = R.build_argparser()
+    flags = {a.dest for a in p._actions}
+    assert {f.name for f in R.dataclasses.fields(R.Config)} <= flags
+    cmd, cfg = R.config_from_args(["train", "--preset", "smoke", "--warmup-steps", "7", "--no-deterministic"])
+    assert cmd == "train" and cfg.warmup_steps == 7 and cfg.deterministic is False and cfg.run_dir == "runs/smoke"
+
+
+def test_unknown_preset_and_field_are_clear_errors():
+    with pytest.raises(R.RetrvError, match="unknown preset"):
+        R.make_config("huge")
+    with pytest.raises(R.RetrvError, match="unknown Config field"):
+        R.make_config("smoke", warmup_stepz=3)
+
+
+# ---------------------------------------------------------------- 3. the synthetic world
+def test_world_is_deterministic(world, tmp_path):
+    cfg, root = world
+    again = R.generate_world(cfg, tmp_path / "again", verbose=False)
+    for f in sorted((root / "query").rglob("*.jsonl")):
+        assert f.read_text() == (again / f.relative_to(root)).read_text()
+    assert (root / "mbeir_images").exists() and (root / "qrels" / "test").exists()
+
+
+def test_hard_negatives_differ_by_one_change():
+    rng = random.Random(0)
+    for task in (0, 3, 4, 7):
+        for _ in range(20):
+            g = R.make_group(task, rng, 15)
+            target = g["query"]["target"]
+            assert R.describe_relation(target, g["pos"]["scene"]) == "match ."
+            assert len({R.canon(n["scene"]) for n in g["negs"]}) == 15
+            for n in g["negs"]:
+                rel = R.describe_relation(target, n["scene"])
+                assert rel.startswith("differs") and "many changes" not in rel, rel
+
+
+def test_edit_source_is_a_hard_negative():
+    g = R.make_group(7, random.Random(3), 15)
+    assert R.canon(g["query"]["scene"]) in {R.canon(n["scene"]) for n in g["negs"]}
+
+
+def test_world_texts_are_in_the_tiny_vocabulary():
+    tok = R.build_tiny_tokenizer()
+    unk = tok.unk_token_id
+    rng = random.Random(1)
+    for task in (0, 3, 4, 7):
+        g = R.make_group(task, rng, 15)
+        texts = [R.caption(g["query"]["target"]), g["query"]["txt"] or ""]
+        texts += [R.describe_relation(g["query"]["target"], n["scene"]) for n in g["negs"]]
+        for t in texts:
+            assert unk not in tok(t, add_special_tokens=False)["input_ids"], t
+    for s in R.SPECIAL_TOKENS:
+        assert len(tok(s, add_special_tokens=False)["input_ids"]) == 1
+    # real English maps unknown words to <unk> instead of failing
+    assert unk in tok("A photo of Barack Obama!", add_special_tokens=False)["input_ids"]
+
+
+def test_reader_reads_our_world(world):
+    cfg, root = world
+    splits = R.load_split(root, "test")
+    assert sorted(ts.task_id for ts in splits) == [0, 3, 4, 7]
+    for ts in splits:
+        assert len(ts) == 4 and len(ts.pool) == 4 * 8
+        assert all(len(p) == 1 for p in ts.pos) and all(len(n) == 7 for n in ts.neg)
+        r = ts.queries[0]
+        assert r["query_modality"] == R.TASK_MODALITIES[ts.task_id][0]
+
+
+def test_recall_is_a_hit_rate():
+    ranked = [[5, 1, 2], [9, 8, 7]]
+    pos = [[1, 2], [3]]
+    r = R.recall_at(ranked, pos, ks=(1, 2, 3))
+    assert r == {"R@1": 0.0, "R@2": 0.5, "R@3": 0.5}
+
+
+# ---------------------------------------------------------------- 4. backbone: pretrained path (b)
+def test_load_a_saved_idefics3_through_the_pretrained_path(tmp_path):
+    """A tiny Idefics3 saved with save_pretrained (model + tokenizer + processor) loads like a hub
+    checkpoint: special tokens are added, embeddings resized, images embed to LM-width tokens."""
+    from transformers import Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    cfg = R.make_config("smoke", vision_layers=1, text_layers=1)
+    tok = R.build_tiny_tokenizer()
+    # a "foreign" tokenizer: without our reasoning special tokens
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {}
+    for w in ["<pad>", "<unk>", "<eos>", "<image>", "<fake_token_around_image>", "<global-img>"] + R.WORLD_WORDS:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    foreign = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                                      extra_special_tokens={"image_token": "<image>",
+                                                            "fake_image_token": "<fake_token_around_image>",
+                                                            "global_image_token": "<global-img>"})
+    mcfg = R.tiny_idefics3_config(cfg, foreign)
+    model = Idefics3ForConditionalGeneration(mcfg)
+    d = tmp_path / "ckpt"
+    model.save_pretrained(d)
+    foreign.save_pretrained(d)
+    ip = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 64},
+                                max_image_size={"longest_edge": 64})
+    Idefics3Processor(image_processor=ip, tokenizer=foreign, image_seq_len=16).save_pretrained(d)
+    bb = R.load_backbone(str(d))
+    assert bb.pretrained
+    assert len(bb.tok) >= len(vocab) + len(R.SPECIAL_TOKENS)
+    assert bb.model.get_input_embeddings().weight.shape[0] >= len(bb.tok)
+    for s in R.SPECIAL_TOKENS:
+        assert bb.tid(s) not in (None, bb.tok.unk_token_id)
+    vis = bb.embed_image(torch.randint(0, 255, (2, 3, 40, 50), dtype=torch.uint8))
+    assert vis.shape == (2, 16, cfg.text_hidden)
+
+
+def test_corrupt_backbone_is_a_clear_error(tmp_path):
+    bb = R.new_tiny_backbone(R.make_config("smoke", vision_layers=1, text_layers=1))
+    bb.save(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(R.RetrvError, match="unreadable|cannot load"):
+        R.load_backbone(str(tmp_path))
+
+
+# ---------------------------------------------------------------- 6-7. ICM, prompt, sampler, scorer
+def test_icm_shapes_and_token_counts(small):
+    cfg, theta, emb, prompts = small
+    K = prompts[0].K
+    full_ctx = sum(f.shape[0] for f in prompts[0].full)
+    # prompt = instruction + query + "candidates :" + K * (index word + 2 ICM tokens) + <think>
+    assert prompts[0].embeds.shape[0] < full_ctx
+    T = torch.randn(3, 5, theta.bb.D)
+    z = theta.icm(T, torch.ones(3, 5), torch.randn(3, 7, theta.bb.D), torch.ones(3, 7))
+    assert z["t_con"].shape == (3, theta.bb.D) and z["t_rel"].shape == (3, theta.bb.D)
+    assert z["attn_con"].shape == (3, cfg.icm_heads, 5)
+    assert torch.allclose(z["attn_con"].sum(-1), torch.ones(3, cfg.icm_heads))
+
+
+def test_greedy_sampler_equals_transformers_generate(small):
+    cfg, theta, emb, prompts = small
+    bb = theta.bb
+    outs = R.sample(theta, prompts, max_new=10, greedy=True, inspect=False)
+    x, m = R.left_pad([p.embeds for p in prompts])
+    stop = [bb.tid("</answer>"), bb.tok.eos_token_id]
+    g = bb.model.generate(inputs_embeds=x, attention_mask=m, max_new_tokens=10, do_sample=False,
+                          eos_token_id=stop, pad_token_id=bb.tok.pad_token_id)
+    for o, row in zip(outs, g.tolist()):
+        assert o.ids == row[: len(o.ids)]
+
+
+def forced_traces(bb, K, n):
+    """Traces that inspect different candidates at different steps (and one malformed request)."""
+    w = lambda s: bb.ids(s)
+    out = []
+    for b in range(n):
+        k1, k2 = b % K + 1, (b + 1) % K + 1
+        pre = w("the ideal target " + " ".join(["red"] * b))  # shifts the splice step per row
+        t = [bb.tid("<think>")] if False else []
+        t += pre + [bb.tid("<insp_s>")] + w(str(k1)) + [bb.tid("<insp_e>")] + w("it matches")
+        if b % 2:
+            t += [bb.tid("<insp_s>")] + w(str(k2)) + [bb.tid("<insp_e>")]
+        t += [bb.tid("</think>"), bb.tid("<answer>")] + w(str(k1)) + [bb.tid("</answer>")]
+        out.append(t)
+    return out
+
+
+def test_scorer_logprobs_equal_sampler_logprobs_with_splices(small):
+    cfg, theta, emb, prompts = small
+    bb = theta.bb
+    forced = forced_traces(bb, prompts[0].K, len(prompts))
+    outs = R.sample(theta, prompts, max_new=64, forced=forced)
+    assert [o.ids for o in outs] == forced
+    assert {o.splices[0][0] for o in outs} != {outs[0].splices[0][0]}  # spliced at different steps
+    assert all(o.N_ins == (2 if b % 2 else 1) for b, o in enumerate(outs))
+    logp, mask = R.score(theta, prompts, outs)
+    for b, o in enumerate(outs):
+        assert mask[b].sum().item() == len(o.ids)
+        assert torch.allclose(logp[b, : len(o.ids)], torch.tensor(o.logp), atol=1e-4)
+    # free sampling too, on the same prompts
+    outs2 = R.sample(theta, prompts, max_new=24, seeds=list(range(len(prompts))))
+    logp2, _ = R.score(theta, prompts, outs2)
+    for b, o in enumerate(outs2):
+        assert torch.allclose(logp2[b, : len(o.ids)], torch.tensor(o.logp), atol=1e-4)
+
+
+def test_cached_decoding_with_splice_matches_full_forward(small):
+    cfg, theta, emb, prompts = small
+    bb = theta.bb
+    forced = forced_traces(bb, prompts[0].K, len(prompts))
+    outs, step_logits = R.sample(theta, prompts, max_new=64, forced=forced, return_logits=True)
+    b = 3  # a row that spliced twice
+    o, p = outs[b], prompts[b]
+    # rebuild the interleaved sequence by hand and run one plain forward
+    parts = [p.embeds]
+    spl = dict(o.splices)
+    pred_pos = []
+    L = p.embeds.shape[0]
+    for t, tid in enumerate(o.ids):
+        pred_pos.append(L - 1)
+        parts.append(bb.embed_text(torch.tensor([[tid]]))[0])
+        L += 1
+        if t in spl:
+            ch = p.splice(spl[t])
+            parts.append(ch)
+            L += ch.shape[0]
+    with torch.no_grad():
+        _, logits, _ = bb.lm(torch.cat(parts)[None])
+    for t in range(len(o.ids)):
+        assert torch.allclose(step_logits[t][b], logits[0, pred_pos[t]].float(), atol=1e-4), t
+
+
+def test_malformed_inspections_are_recorded_not_raised(small):
+    cfg, theta, emb, prompts = small
+    bb = theta.bb
+    K = prompts[0].K
+    s, e = bb.tid("<insp_s>"), bb.tid("<insp_e>")
+    traces = [
+        [s] + bb.ids(str(K + 3)) + [e],  # out of range
+        [s] + bb.ids("1") + [e, s] + bb.ids("1") + [e],  # repeat
+        [e],  # no <insp_s>
+        [s] + bb.ids("red") + [e],  # not a number
+        [x for k in range(1, K + 1) for x in [s] + bb.ids(str(k)) + [e]] + [s] + bb.ids("1") + [e],  # > K
+        [],
+        [],
+        [],
+    ]
+    outs = R.sample(theta, prompts, max_new=64, forced=[t or bb.ids("red") for t in traces])
+    assert "out of range" in outs[0].errors[0] and outs[0].N_ins == 0
+    assert "twice" in outs[1].errors[0] and outs[1].inspected == [1]
+    assert "without" in outs[2].errors[0]
+    assert "not a number" in outs[3].errors[0]
+    assert outs[4].N_ins == K and outs[4].errors  # the K+1-th request is refused
+
+
+# ---------------------------------------------------------------- 10. stage 1
+def test_self_alignment_trains_only_the_icm(small, tmp_path):
+    cfg, theta, emb, prompts = small
+    cfg = R.make_config("smoke", data_root=cfg.data_root, run_dir=str(tmp_path), n_train=6, n_val=4, n_test=4,
+                        n_hard_neg=7, vision_layers=1, text_layers=2, align_steps=3, align_batch=4)
+    with R.atomic_dir(tmp_path / "warmup") as d:
+        theta.bb.save(d)
+        (d / "state.json").write_text("{}")
+    before = {k: v.clone() for k, v in theta.bb.state_dict().items()}
+    val = R.align_icm(cfg, verbose=False)
+    assert {"content_acc_compressed", "content_acc_full", "relation_acc_compressed", "relation_acc_full"} <= set(val)
+    after = R.load_reasoner(cfg, "icm", torch.device("cpu"))
+    sd = after.bb.state_dict()
+    assert before.keys() == sd.keys()
+    for k in before:
+        assert torch.equal(before[k], sd[k]), f"stage 1 changed {k}"
+    assert R.read_metrics(tmp_path, "icm")
+
+
+# ---------------------------------------------------------------- 8. rewards, curriculum, GRPO pieces
+def test_curriculum_lambda_is_linear_from_0_to_1():
+    assert R.curriculum_lambda(0, 11) == 0.0
+    assert R.curriculum_lambda(10, 11) == 1.0
+    assert R.curriculum_lambda(5, 11) == pytest.approx(0.5)
+    vals = [R.curriculum_lambda(i, 11) for i in range(11)]
+    assert all(b - a == pytest.approx(0.1) for a, b in zip(vals, vals[1:]))
+
+
+@pytest.mark.parametrize("correct,n_ins,K,lam,want", [
+    (True, 0, 8, 0.0, 1.0), (True, 4, 8, 0.0, 1.0), (True, 4, 8, 1.0, 0.5), (True, 2, 8, 0.5, 0.875),
+    (False, 0, 8, 0.3, 0.0), (False, 3, 8, 1.0, 0.0), (True, 8, 8, 1.0, 0.0)])
+def test_result_reward_matches_the_formula(correct, n_ins, K, lam, want):
+    assert R.result_reward(correct, n_ins, K, lam) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("<think> ideal : x . </think> <answer> 3 </answer>", 1.0),
+    ("<think> a <insp_s> 2 <insp_e> match . </think><answer>2</answer>", 1.0),
+    ("<answer> 3 </answer>", 0.0),  # no think block
+    ("<think> a </think>", 0.0),  # no answer tag
+    ("garbage garbage", 0.0),
+    ("<think> a </think> <answer> 9 </answer>", 0.0),  # answer out of range (K = 8)
+    ("<think> <insp_s> 12 <insp_e> </think> <answer> 1 </answer>", 0.0),  # inspection out of range
+    ("<think> <insp_s> 2 <insp_e> <insp_s> 2 <insp_e> </think> <answer> 2 </answer>", 0.0),  # repeat
+    ("<think> <insp_s> 2 </think> <answer> 2 </answer>", 0.0),  # unclosed inspection
+    ("<think> a </think> <answer> 1 </answer> more", 0.0),  # trailing text
+    ("<think> <think> a </think> <answer> 1 </answer>", 0.0),  # two think tags
+])
+def test_format_reward_table(text, ok):
+    assert R.format_reward(text, 8) == ok
+
+
+def test_parse_answer_and_trace_reward():
+    assert R.parse_answer("<think> x </think> <answer> 4 </answer>") == 4
+    assert R.parse_answer("no tags at all") is None
+    r = R.trace_reward("<think> <insp_s> 2 <insp_e> </think> <answer> 2 </answer>", 1, [], [2], 8, 1.0)
+    assert r == {"reward": 1.0 + 1 - 1 / 8, "r_f": 1.0, "r_r": 1 - 1 / 8, "correct": 1.0, "N_ins": 1}
+    bad = R.trace_reward("<think> </think> <answer> 2 </answer>", 0, ["inspection index 12 out of range 1..8"], [2], 8, 0)
+    assert bad["r_f"] == 0.0 and bad["r_r"] == 1.0  # a refused inspection is a format error
+
+
+def test_equal_rewards_give_zero_advantages():
+    adv = R.group_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 1.0, 0.0]), G=4)
+    assert torch.equal(adv[:4], torch.zeros(4))
+    assert torch.allclose(adv[4:], torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-3)
+
+
+def test_advantages_of_one_success_in_four():
+    # mean 0.25, population std sqrt(0.1875) = 0.4330
+    adv = R.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), G=4)
+    std = 0.1875 ** 0.5
+    want = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std + 1e-4)
+    assert torch.allclose(adv, want, atol=1e-5)
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    mask = torch.ones(1, 3)
+    adv = torch.zeros(1)
+    _, st = R.grpo_loss(logp, logp, logp.clone(), adv, mask, beta=1.0)
+    assert st["kl"] == pytest.approx(0.0, abs=1e-7)
+    _, st = R.grpo_loss(logp, logp, logp + torch.tensor([[0.3, -0.4, 0.1]]), adv, mask, beta=1.0)
+    assert st["kl"] > 0
+
+
+def test_ratio_one_gives_the_reinforce_gradient():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.3, -0.7]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, st = R.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0, agg="token")
+    loss.backward()
+    want = -(adv[:, None] * mask) / mask.sum()  # d/dlogp of -A * logp, token mean
+    assert torch.allclose(logp.grad, want)
+    assert st["clip_frac"] == 0.0
+
+
+def test_clipping_acts_only_outside_the_range_and_in_the_advantage_direction():
+    old = torch.zeros(1, 4)
+    # ratios 0.5, 0.9, 1.1, 1.5
+    logp = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]])).requires_grad_(True)
+    mask = torch.ones(1, 4)
+    for a in (1.0, -1.0):
+        if logp.grad is not None:
+            logp.grad = None
+        loss, st = R.grpo_loss(logp, old, None, torch.tensor([a]), mask, eps_clip=0.2, beta=0.0)
+        loss.backward()
+        g = logp.grad[0]
+        ratio = torch.tensor([0.5, 0.9, 1.1, 1.5])
+        if a > 0:  # clipped (no gradient) only where ratio > 1 + eps
+            assert g[3] == 0 and all(g[i] != 0 for i in (0, 1, 2))
+        else:  # clipped only where ratio < 1 - eps
+            assert g[0] == 0 and all(g[i] != 0 for i in (1, 2, 3))
+        assert st["clip_frac"] == pytest.approx(0.25)
+        nz = g != 0
+        assert torch.allclose(g[nz], (-a * ratio / 4)[nz])
+
+
+def test_token_mean_and_sequence_mean_on_a_toy():
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([1.0, 3.0])
+    # per-token loss = -A (ratio 1): seq 1: [-1], seq 2: [-3, -3, -3]
+    tok, _ = R.grpo_loss(logp, logp, None, adv, mask, beta=0.0, agg="token")
+    seq, _ = R.grpo_loss(logp, logp, None, adv, mask, beta=0.0, agg="seq")
+    assert tok.item() == pytest.approx((-1 - 9) / 4)
+    assert seq.item() == pytest.approx((-1 + -3) / 2)
+
+
+# ---------------------------------------------------------------- 11. CoT and SFT
+def test_cot_trace_phases_and_inspection_budget():
+    rng = random.Random(5)
+    g = R.make_group(0, rng, 15)
+    target = g["query"]["target"]
+    scenes = [n["scene"] for n in g["negs"][:7]] + [g["pos"]["scene"]]  # positive at index 8
+    text, inspected = R.cot_trace(target, scenes, [8])
+    assert text.startswith("<think> ideal :") and text.endswith("<answer> 8 </answer>")
+    assert R.format_reward(text, 8) == 1.0
+    assert inspected == [] or inspected[-1] == 8
+    # candidates with a color / size change are eliminated without inspection
+    for k, s in enumerate(scenes, 1):
+        kind = R.relation_kind(R.describe_relation(target, s))
+        if kind in R.CLEAR_KINDS:
+            assert k not in inspected
+    # positive missing from the top-K: no correct trace exists
+    assert R.cot_trace(target, scenes[:7], [8]) is None
+    # a single plausible candidate: answer without inspection
+    t1, ins1 = R.cot_trace(target, [g["pos"]["scene"]], [1])
+    assert ins1 == [] and "<insp_s>" not in t1
+
+
+def test_sft_loss_counts_generated_tokens_only(small):
+    cfg, theta, emb, prompts = small
+    bb = theta.bb
+    text = "<think> ideal : a red circle . <insp_s> 2 <insp_e> match . </think> <answer> 2 </answer>"
+    roll = R.trace_rollout(bb, text)
+    assert roll.splices == [(roll.ids.index(bb.tid("<insp_e>")), 2)]
+    logp, mask = R.score(theta, prompts[:1], [roll])
+    # every generated token is scored, nothing else: not the prompt, not the spliced <full> T_c </full>
+    assert mask.sum().item() == len(roll.ids) == len(bb.ids(text)) - 1
+    assert bb.tid("<full>") not in roll.ids
+
+
+# ================================================================ the bad-input matrix (data)
+
+
+TEST_Q = "query/test/mbeir_synth_task3_test.jsonl"  # image -> text: 3 queries
+TEST_P = "cand_pool/local/mbeir_synth_task3_test_cand_pool.jsonl"  # text candidates: 12
+IMG_P = "cand_pool/local/mbeir_synth_task4_test_cand_pool.jsonl"  # image candidates
+
+
+# ---- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    cfg = R.make_config("smoke", n_train=2, n_val=2, n_test=3, n_hard_neg=3)
+    return R.generate_world(cfg, tmp_path_factory.mktemp("world") / "w", verbose=False)
+
+
+@pytest.fixture
+def root(world, tmp_path) -> Path:
+    """A private, mutable copy of the generated world."""
+    dst = tmp_path / "w"
+    shutil.copytree(world, dst)
+    return dst
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _set_line(path: Path, ln: int, text: str) -> None:
+    """Replace 1-based line `ln` of a file with raw text."""
+    ls = _lines(path)
+    ls[ln - 1] = text
+    path.write_text("\n".join(ls) + "\n")
+
+
+def _edit(path: Path, ln: int, fn) -> None:
+    """Parse 1-based line `ln` as JSON, let fn mutate the dict, write it back."""
+    d = json.loads(_lines(path)[ln - 1])
+    fn(d)
+    _set_line(path, ln, json.dumps(d))
+
+
+def _load_err(root: Path, split: str = "test", exc=R.DataError) -> str:
+    with pytest.raises(exc) as ei:
+        R.load_split(root, split)
+    assert type(ei.value) is exc, f"expected exactly {exc.__name__}, got {type(ei.value).__name__}"
+    return str(ei.value)
+
+
+def _load_err_tasks(root, tasks):
+    with pytest.raises(R.DataError) as ei:
+        R.load_split(root, "test", tasks=tasks)
+    return str(ei.value)
+
+
+def _png(path: Path, mode: str, size: tuple[int, int], seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    im = im.convert(mode) if mode != "P" else im.quantize(16)
+    im.save(path)
+
+
+def _write_jsonl(path: Path, rows: list[dict], ensure_ascii: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows), encoding="utf-8")
+
+
+# ---- sanity ---------------------------------------------------------------------------------
+
+
+def test_data_generated_world_loads(world):
+    splits = R.load_split(world, "test")
+    assert sorted(ts.task_id for ts in splits) == [0, 3, 4, 7]
+    for ts in splits:
+        assert len(ts) == 3 and len(ts.pool) == 3 * 4
+        assert ts.pool_file.name == f"{ts.name.replace('_test', '')}_test_cand_pool.jsonl"
+        for i in range(len(ts)):
+            assert ts.pos[i], f"{ts.name} query {i} has no positive"
+            for j in ts.pos[i]:
+                assert 0 <= j < len(ts.pool)
+                assert ts.did2idx[ts.pool[j]["did"]] == j
+        assert all(ts.queries[i]["_line"] == i + 1 for i in range(len(ts)))
+
+
+def test_data_tasks_filter_and_no_match(world):
+    assert [ts.task_id for ts in R.load_split(world, "test", tasks=[7])] == [7]
+    msg = _load_err_tasks(world, [1])
+    assert "query/test" in msg and "no query files" in msg and "[1]" in msg
+
+
+# ---- JSONL structure ------------------------------------------------------------------------
+
+
+def test_data_malformed_json_line(root):
+    qf = root / TEST_Q
+    _set_line(qf, 2, _lines(qf)[1][:40])  # truncated JSON on line 2
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg and "malformed JSON" in msg
+
+
+def test_data_line_is_json_list(root):
+    qf = root / TEST_Q
+    _set_line(qf, 2, '["10:1", 3]')
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg and "expected a JSON object" in msg and "list" in msg
+
+
+def test_data_line_is_json_null(root):
+    qf = root / TEST_Q
+    _set_line(qf, 3, "null")
+    msg = _load_err(root)
+    assert f"{qf}:3" in msg and "expected a JSON object" in msg
+
+
+def test_data_blank_lines_are_skipped_and_line_numbers_kept(root):
+    qf = root / TEST_Q
+    ls = _lines(qf)
+    qf.write_text(ls[0] + "\n\n   \n" + "\n".join(ls[1:]) + "\n")
+    ts = {t.task_id: t for t in R.load_split(root, "test")}[3]
+    assert len(ts) == 3 and [ts.queries[i]["_line"] for i in range(3)] == [1, 4, 5]
+
+
+def test_data_missing_field_qid(root):
+    qf = root / TEST_Q
+    _edit(qf, 2, lambda d: d.pop("qid"))
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg and "missing field 'qid'" in msg
+
+
+def test_data_missing_field_modality_in_pool(root):
+    pf = root / TEST_P
+    _edit(pf, 5, lambda d: d.pop("modality"))
+    msg = _load_err(root)
+    assert f"{pf}:5" in msg and "missing field 'modality'" in msg
+
+
+# ---- wrongly typed fields -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,tname", [
+    ("task_id", "7", "str"),
+    ("task_id", True, "bool"),
+    ("task_id", 3.0, "float"),
+    ("pos_cand_list", "10:32000000", "str"),
+    ("qid", 7, "int"),
+    ("query_modality", ["image"], "list"),
+    ("query_txt", 5, "int"),
+])
+def test_data_wrong_type_query_field(root, field, value, tname):
+    qf = root / TEST_Q
+    _edit(qf, 2, lambda d: d.__setitem__(field, value))
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg and f"field '{field}'" in msg and f"type {tname}" in msg
+
+
+@pytest.mark.parametrize("field,value,tname", [
+    ("did", 12, "int"),
+    ("txt", 3, "int"),
+    ("img_path", ["a.png"], "list"),
+    ("modality", 3, "int"),
+])
+def test_data_wrong_type_pool_field(root, field, value, tname):
+    pf = root / TEST_P
+    _edit(pf, 2, lambda d: d.__setitem__(field, value))
+    msg = _load_err(root)
+    assert f"{pf}:2" in msg and f"field '{field}'" in msg and f"type {tname}" in msg
+
+
+# ---- modality strings -----------------------------------------------------------------------
+
+
+def test_data_modality_text_image_order_refused_in_query(root):
+    qf = root / "query/test/mbeir_synth_task7_test.jsonl"
+    _edit(qf, 1, lambda d: d.__setitem__("query_modality", "text,image"))
+    msg = _load_err(root)
+    assert f"{qf}:1" in msg and "field 'query_modality'" in msg and "'text,image'" in msg
+    assert "image,text" in msg  # the message lists what is accepted
+
+
+def test_data_modality_unknown_in_pool(root):
+    pf = root / TEST_P
+    _edit(pf, 3, lambda d: d.__setitem__("modality", "text,image"))
+    msg = _load_err(root)
+    assert f"{pf}:3" in msg and "field 'modality'" in msg and "'text,image'" in msg
+
+
+def test_data_modality_wrong_case_refused(root):
+    pf = root / TEST_P
+    _edit(pf, 3, lambda d: d.__setitem__("modality", "Text"))
+    msg = _load_err(root)
+    assert f"{pf}:3" in msg and "field 'modality'" in msg and "'Text'" in msg
+
+
+# ---- content rules --------------------------------------------------------------------------
+
+
+def test_data_candidate_txt_and_img_both_null(root):
+    pf = root / TEST_P
+    _edit(pf, 4, lambda d: d.update(txt=None, img_path=None))
+    msg = _load_err(root)
+    assert f"{pf}:4" in msg and "'txt'" in msg and "'img_path'" in msg and "both null" in msg
+
+
+def test_data_query_txt_and_img_both_null(root):
+    qf = root / TEST_Q
+    _edit(qf, 2, lambda d: d.update(query_txt=None, query_img_path=None))
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg and "'query_txt'" in msg and "'query_img_path'" in msg and "both null" in msg
+
+
+def test_data_duplicate_did_names_both_lines(root):
+    pf = root / TEST_P
+    first = json.loads(_lines(pf)[1])["did"]  # did on line 2
+    _edit(pf, 7, lambda d: d.__setitem__("did", first))
+    msg = _load_err(root)
+    assert f"{pf}:7" in msg and "field 'did'" in msg and repr(first) in msg and "duplicate" in msg
+    assert "line 2" in msg
+
+
+def test_data_positive_not_in_pool(root):
+    qf = root / TEST_Q
+    _edit(qf, 3, lambda d: d.__setitem__("pos_cand_list", ["10:999"]))
+    msg = _load_err(root)
+    assert f"{qf}:3" in msg and "'pos_cand_list'" in msg and "'10:999'" in msg
+    assert "mbeir_synth_task3_test_cand_pool.jsonl" in msg
+
+
+def test_data_negatives_not_in_pool_are_dropped(root):
+    """neg_cand_list is optional and only informative: ids absent from the pool are skipped."""
+    qf = root / TEST_Q
+    _edit(qf, 1, lambda d: d.__setitem__("neg_cand_list", ["10:999"] + d["neg_cand_list"][:1]))
+    ts = {t.task_id: t for t in R.load_split(root, "test")}[3]
+    assert len(ts.neg[0]) == 1
+
+
+def test_data_empty_pool_file(root):
+    pf = root / TEST_P
+    pf.write_text("")
+    msg = _load_err(root)
+    assert str(pf) in msg and "empty" in msg
+
+
+def test_data_pool_of_blank_lines_is_empty(root):
+    pf = root / TEST_P
+    pf.write_text("\n  \n\n")
+    msg = _load_err(root)
+    assert str(pf) in msg and "empty" in msg
+
+
+def test_data_no_local_pool_file(root):
+    (root / TEST_P).unlink()
+    msg = _load_err(root)
+    assert "mbeir_synth_task3_test.jsonl" in msg and "no local candidate pool" in msg
+    assert "mbeir_synth_task3_test_cand_pool.jsonl" in msg and "mbeir_synth_task3_cand_pool.jsonl" in msg
+    assert str(root / "cand_pool" / "local") in msg
+
+
+def test_data_missing_split_directory(root):
+    shutil.rmtree(root / "query" / "test")
+    msg = _load_err(root)
+    assert str(root / "query" / "test") in msg and "no such directory" in msg
+
+
+def test_data_unknown_split_name(world):
+    msg = _load_err(world, split="dev")
+    assert str(world / "query" / "dev") in msg and "no such directory" in msg
+
+
+def test_data_root_that_does_not_exist(tmp_path):
+    msg = _load_err(tmp_path / "nope")
+    assert str(tmp_path / "nope") in msg
+
+
+def test_data_split_directory_without_query_files(root):
+    for f in (root / "query" / "test").glob("*.jsonl"):
+        f.unlink()
+    msg = _load_err(root)
+    assert str(root / "query" / "test") in msg and "no query files" in msg
+
+
+# ---- cases that once crashed deep in a stack; now clear errors ---------------------------
+def test_data_invalid_utf8_line(root):
+    qf = root / TEST_Q
+    ls = qf.read_bytes().split(b"\n")
+    ls[1] = ls[1].replace(b'"query_src_content"', b'"note": "caf\xe9", "query_src_content"')
+    qf.write_bytes(b"\n".join(ls))
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg
+def test_data_pos_cand_list_of_objects(root):
+    qf = root / TEST_Q
+    _edit(qf, 2, lambda d: d.__setitem__("pos_cand_list", [{"did": d["pos_cand_list"][0]}]))
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg and "'pos_cand_list'" in msg
+def test_data_neg_cand_list_not_a_list(root):
+    qf = root / TEST_Q
+    _edit(qf, 2, lambda d: d.__setitem__("neg_cand_list", 5))
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg and "'neg_cand_list'" in msg
+def test_data_neg_cand_list_of_objects(root):
+    qf = root / TEST_Q
+    _edit(qf, 2, lambda d: d.__setitem__("neg_cand_list", [{"did": "10:1"}]))
+    msg = _load_err(root)
+    assert f"{qf}:2" in msg and "'neg_cand_list'" in msg
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+def test_data_missing_image_file(tmp_path):
+    where = "somefile.jsonl:7"
+    with pytest.raises(R.DataError) as ei:
+        R.load_image(tmp_path, "mbeir_images/none.png", where, 64)
+    msg = str(ei.value)
+    assert msg.startswith(where) and "'img_path'" in msg and "none.png" in msg and "does not exist" in msg
+
+
+def test_data_missing_image_via_pool_item(root):
+    """The reader does not open images; the first load names the pool line that points to it."""
+    ts = {t.task_id: t for t in R.load_split(root, "test")}[4]
+    item = R.cand_item(ts, 2)
+    (root / item["img"]).unlink()
+    with pytest.raises(R.DataError) as ei:
+        R.ImageCache(64).get(item["root"], item["img"], item["where"])
+    assert f"{ts.pool_file}:3" in str(ei.value) and "'img_path'" in str(ei.value)
+
+
+@pytest.mark.parametrize("content", [b"this is not an image\n", b"", b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_data_unreadable_image(tmp_path, content):
+    (tmp_path / "x.png").write_bytes(content)
+    with pytest.raises(R.DataError) as ei:
+        R.load_image(tmp_path, "x.png", "pool.jsonl:3", 64)
+    msg = str(ei.value)
+    assert msg.startswith("pool.jsonl:3") and "'img_path'" in msg and "not a readable image" in msg
+
+
+def test_data_truncated_image(tmp_path):
+    _png(tmp_path / "full.png", "RGB", (80, 60))
+    b = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "x.png").write_bytes(b[: len(b) // 2])
+    with pytest.raises(R.DataError) as ei:
+        R.load_image(tmp_path, "x.png", "pool.jsonl:3", 64)
+    assert "'img_path'" in str(ei.value) and "pool.jsonl:3" in str(ei.value)
+
+
+def test_data_image_path_is_a_directory(tmp_path):
+    (tmp_path / "x.png").mkdir()
+    with pytest.raises(R.DataError) as ei:
+        R.load_image(tmp_path, "x.png", "pool.jsonl:3", 64)
+    assert "'img_path'" in str(ei.value)
+
+
+@pytest.mark.parametrize("mode,size,ext", [
+    ("L", (40, 30), "png"),
+    ("RGBA", (40, 30), "png"),
+    ("P", (40, 30), "png"),
+    ("LA", (40, 30), "png"),
+    ("1", (40, 30), "png"),
+    ("CMYK", (40, 30), "jpg"),
+    ("RGB", (3, 5), "png"),
+    ("RGB", (2000, 1500), "jpg"),
+    ("RGB", (64, 64), "jpg"),
+])
+def test_data_image_modes_and_sizes(tmp_path, mode, size, ext):
+    _png(tmp_path / f"img.{ext}", mode, size)
+    t = R.load_image(tmp_path, f"img.{ext}", "w", 64)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and tuple(t.shape) == (3, 64, 64)
+
+
+def test_data_grayscale_becomes_equal_channels(tmp_path):
+    _png(tmp_path / "g.png", "L", (64, 64))
+    t = R.load_image(tmp_path, "g.png", "w", 64)
+    assert torch.equal(t[0], t[1]) and torch.equal(t[1], t[2])
+
+
+def test_data_image_cache_returns_same_tensor(root):
+    ts = {t.task_id: t for t in R.load_split(root, "test")}[4]
+    item = R.cand_item(ts, 0)
+    cache = R.ImageCache(64)
+    a = cache.get(item["root"], item["img"], item["where"])
+    b = cache.get(item["root"], item["img"], item["where"])
+    assert a is b and tuple(a.shape) == (3, 64, 64)
+
+
+# ---- top-K and K checks ---------------------------------------------------------------------
+
+
+def test_data_topk_K_larger_than_pool():
+    with pytest.raises(R.RetrvError) as ei:
+        R.topk_search(torch.randn(2, 4), torch.randn(3, 4), 5)
+    msg = str(ei.value)
+    assert "K=5" in msg and "3 candidates" in msg
+
+
+def test_data_topk_K_equal_to_pool_is_fine():
+    s, i = R.topk_search(torch.eye(3), torch.eye(3), 3)
+    assert s.shape == i.shape == (3, 3) and i[:, 0].tolist() == [0, 1, 2]
+
+
+def test_data_check_K_names_pool_file(world):
+    ts = R.load_split(world, "test", tasks=[0])[0]
+    R.check_K(R.make_config("smoke", K=len(ts.pool)), ts)  # equal: fine
+    with pytest.raises(R.RetrvError) as ei:
+        R.check_K(R.make_config("smoke", K=len(ts.pool) + 1), ts)
+    msg = str(ei.value)
+    assert f"K={len(ts.pool) + 1}" in msg and str(ts.pool_file) in msg and f"({len(ts.pool)} candidates)" in msg
+
+
+def test_data_make_config_refuses_K_below_1():
+    with pytest.raises(R.RetrvError, match="--K must be >= 1"):
+        R.make_config("smoke", K=0)
+
+
+# ---- a hand-written root in real M-BEIR style -----------------------------------------------
+
+
+def _real_root(base: Path) -> Path:
+    """CIRR task 7 (shared pool name) + MSCOCO task 0 (split-specific pool name) + OVEN task 6."""
+    img = "mbeir_images/cirr_images"
+    _png(base / img / "dev-245-0-img0.jpg", "RGB", (341, 256), 1)
+    _png(base / img / "dev-991-2-img1.jpg", "L", (256, 384), 2)
+    for n in range(4):
+        _png(base / img / f"dev-{n}-cand.jpg", "RGB", (256 + 7 * n, 256), 10 + n)
+    cirr_q = [
+        dict(qid="8:12", query_txt="Make the dog sit on a red couch, and remove the leash.",
+             query_img_path=f"{img}/dev-245-0-img0.jpg", query_modality="image,text", query_src_content=None,
+             pos_cand_list=["8:1002"], neg_cand_list=["8:1000", "8:1003"], task_id=7),
+        dict(qid="8:13", query_txt="Show two Pokémon — not one — on a snowy street?",
+             query_img_path=f"{img}/dev-991-2-img1.jpg", query_modality="image,text", query_src_content=None,
+             pos_cand_list=["8:1001"], neg_cand_list=[], task_id=7),
+    ]
+    _write_jsonl(base / "query/test/mbeir_cirr_task7_test.jsonl", cirr_q, ensure_ascii=False)
+    _write_jsonl(base / "cand_pool/local/mbeir_cirr_task7_cand_pool.jsonl",
+                 [dict(did=f"8:{1000 + n}", txt=None, img_path=f"{img}/dev-{n}-cand.jpg", modality="image",
+                       src_content=None) for n in range(4)])
+    (base / "qrels/test").mkdir(parents=True, exist_ok=True)
+    (base / "qrels/test/mbeir_cirr_task7_test_qrels.txt").write_text("8:12 0 8:1002 1 7\n8:13 0 8:1001 1 7\n")
+
+    coco_img = "mbeir_images/mscoco_images/val2014"
+    for n in range(3):
+        _png(base / coco_img / f"COCO_val2014_{n:012d}.jpg", "RGB", (640, 480), 20 + n)
+    _write_jsonl(base / "query/test/mbeir_mscoco_task0_test.jsonl", [
+        dict(qid="9:6", query_txt="A man riding a wave on top of a surfboard.", query_img_path=None,
+             query_modality="text", query_src_content=None, pos_cand_list=["9:2"], neg_cand_list=[], task_id=0)])
+    coco_pool = [dict(did=f"9:{n + 1}", txt=None, img_path=f"{coco_img}/COCO_val2014_{n:012d}.jpg",
+                      modality="image", src_content=None) for n in range(3)]
+    _write_jsonl(base / "cand_pool/local/mbeir_mscoco_task0_test_cand_pool.jsonl", coco_pool)
+    # a decoy shared pool without the positive: the split-specific name must win
+    _write_jsonl(base / "cand_pool/local/mbeir_mscoco_task0_cand_pool.jsonl", coco_pool[:1])
+    (base / "qrels/test/mbeir_mscoco_task0_test_qrels.txt").write_text("9:6 0 9:2 1 0\n")
+
+    # OVEN (5) task 6: a positive that points into InfoSeek (6) is dropped, the OVEN one kept
+    _write_jsonl(base / "query/test/mbeir_oven_task6_test.jsonl", [
+        dict(qid="5:1", query_txt="What is the name of this building?", query_img_path=f"{img}/dev-245-0-img0.jpg",
+             query_modality="image,text", query_src_content=None, pos_cand_list=["6:77", "5:201"],
+             neg_cand_list=["5:200"], task_id=6)])
+    _write_jsonl(base / "cand_pool/local/mbeir_oven_task6_cand_pool.jsonl", [
+        dict(did="5:200", txt="Eiffel Tower. A wrought-iron lattice tower in Paris, France.", img_path=None,
+             modality="text", src_content=None),
+        dict(did="5:201", txt="Big Ben. The clock tower at the north end of the Palace of Westminster.",
+             img_path=None, modality="text", src_content=None)])
+    (base / "qrels/test/mbeir_oven_task6_test_qrels.txt").write_text("5:1 0 5:201 1 6\n")
+    return base
+
+
+def test_data_real_mbeir_root(tmp_path):
+    base = _real_root(tmp_path / "mbeir")
+    splits = {ts.name: ts for ts in R.load_split(base, "test")}
+    assert sorted(splits) == ["mbeir_cirr_task7_test", "mbeir_mscoco_task0_test", "mbeir_oven_task6_test"]
+
+    cirr = splits["mbeir_cirr_task7_test"]
+    assert cirr.task_id == 7 and cirr.pool_file.name == "mbeir_cirr_task7_cand_pool.jsonl"
+    assert len(cirr) == 2 and len(cirr.pool) == 4
+    assert cirr.queries[0]["query_txt"] == "Make the dog sit on a red couch, and remove the leash."
+    assert cirr.queries[1]["query_txt"] == "Show two Pokémon — not one — on a snowy street?"
+    assert cirr.queries[0]["query_modality"] == "image,text" and cirr.queries[1]["qid"] == "8:13"
+    assert [cirr.pool[p[0]]["did"] for p in cirr.pos] == ["8:1002", "8:1001"]
+    assert [[cirr.pool[j]["did"] for j in n] for n in cirr.neg] == [["8:1000", "8:1003"], []]
+
+    coco = splits["mbeir_mscoco_task0_test"]
+    assert coco.pool_file.name == "mbeir_mscoco_task0_test_cand_pool.jsonl"  # not the decoy shared one
+    assert len(coco.pool) == 3 and coco.pool[coco.pos[0][0]]["did"] == "9:2"
+
+    # images of every size/mode load through the items the rest of the file uses
+    cache = R.ImageCache(64)
+    for ts in (cirr, coco):
+        for j in range(len(ts.pool)):
+            it = R.cand_item(ts, j)
+            assert tuple(cache.get(it["root"], it["img"], it["where"]).shape) == (3, 64, 64)
+    for i in range(len(cirr)):
+        it = R.query_item(cirr, i)
+        assert it["where"] == f"{cirr.query_file}:{i + 1}"
+        assert tuple(cache.get(it["root"], it["img"], it["where"]).shape) == (3, 64, 64)
+
+
+def test_data_real_mbeir_cross_dataset_positive_dropped(tmp_path):
+    base = _real_root(tmp_path / "mbeir")
+    oven = {ts.name: ts for ts in R.load_split(base, "test")}["mbeir_oven_task6_test"]
+    assert oven.task_id == 6 and oven.pool_file.name == "mbeir_oven_task6_cand_pool.jsonl"
+    assert [oven.pool[j]["did"] for j in oven.pos[0]] == ["5:201"]  # "6:77" (InfoSeek) dropped, no error
+
+
+def test_data_real_mbeir_only_foreign_positive_is_kept_and_checked(tmp_path):
+    """No positive with the query's prefix: UniIR's filter keeps the list as is, so it must be in the pool."""
+    base = _real_root(tmp_path / "mbeir")
+    qf = base / "query/test/mbeir_oven_task6_test.jsonl"
+    _edit(qf, 1, lambda d: d.__setitem__("pos_cand_list", ["6:77"]))
+    msg = _load_err(base)
+    assert f"{qf}:1" in msg and "'pos_cand_list'" in msg and "'6:77'" in msg
+
+
+def test_data_real_mbeir_split_specific_pool_wins_over_shared(tmp_path):
+    base = _real_root(tmp_path / "mbeir")
+    # give CIRR a split-specific pool too: it must be preferred, and its contents used
+    shared = base / "cand_pool/local/mbeir_cirr_task7_cand_pool.jsonl"
+    specific = base / "cand_pool/local/mbeir_cirr_task7_test_cand_pool.jsonl"
+    specific.write_text(shared.read_text() + json.dumps(dict(did="8:5000", txt="An extra candidate.", img_path=None,
+                                                               modality="text")) + "\n")
+    cirr = {ts.name: ts for ts in R.load_split(base, "test")}["mbeir_cirr_task7_test"]
+    assert cirr.pool_file == specific and len(cirr.pool) == 5
+    assert cirr.pool[4]["src_content"] is None  # absent optional field filled in
+
+
+# ---- the metric -----------------------------------------------------------------------------
+
+
+def test_data_recall_is_a_hit_rate():
+    ranked = [[7, 2, 9, 3, 1, 0],  # positives {7, 4}: 7 is first -> hit@1, hit@5 (fraction would be 1/2)
+              [1, 2, 3, 0, 5, 6]]  # positives {5, 8}: 5 is 5th  -> miss@1, hit@5 (fraction would be 1/2)
+    pos = [[7, 4], [5, 8]]
+    r = R.recall_at(ranked, pos, ks=(1, 5))
+    assert r == {"R@1": 0.5, "R@5": 1.0}
+    assert R.recall_at(ranked, pos, ks=(4,)) == {"R@4": 0.5}
+
+
+def test_data_recall_of_no_queries_is_zero():
+    assert R.recall_at([], [], ks=(1,)) == {"R@1": 0.0}
+
+
+# ---- the CLI --------------------------------------------------------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+def test_data_cli_eval_without_trained_run(world, tmp_path, capsys):
+    rc = R.main(["eval", "--preset", "smoke", "--run-dir", str(tmp_path / "empty"), "--data-root", str(world)])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert str(tmp_path / "empty" / "retriever") in line and "no finished retriever" in line
+
+
+def test_data_cli_train_unknown_stage(world, tmp_path, capsys):
+    rc = R.main(["train", "--preset", "smoke", "--stages", "bogus", "--run-dir", str(tmp_path / "r"),
+                 "--data-root", str(world)])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert "bogus" in line and "unknown stage" in line
+
+
+def test_data_cli_unknown_preset_returns_2(tmp_path, capsys):
+    """--preset is a free string (no argparse choices), so make_config refuses it: rc 2, one line."""
+    rc = R.main(["eval", "--preset", "bogus", "--run-dir", str(tmp_path / "r")])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert "unknown preset 'bogus'" in line and "smoke" in line
+
+
+def test_data_cli_K_zero_returns_2(tmp_path, capsys):
+    assert R.main(["eval", "--preset", "smoke", "--K", "0", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "--K must be >= 1" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("argv", [["bogus"], ["eval", "--K", "abc"], ["eval", "--no-such-flag", "1"]])
+def test_data_cli_argparse_errors_exit_2(argv, capsys):
+    """Bad command choices, bad types and unknown flags are argparse's: SystemExit(2) + usage on stderr."""
+    with pytest.raises(SystemExit) as ei:
+        R.main(argv)
+    assert ei.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_data_cli_unimplemented_command_returns_2(tmp_path, capsys):
+    assert R.main(["bench", "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "not implemented yet" in _one_error_line(capsys)
+
+
+def test_data_cli_demo_without_a_trained_theta_returns_2(tmp_path, capsys):
+    assert R.main(["demo", "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "no trained theta" in _one_error_line(capsys)
+
+
+# ---------------------------------------------------------------- notebooks (run top to bottom, smoke preset)
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs_top_to_bottom(path):
+    """Every notebook executes without an error (they train/reuse runs/smoke, so they run in order)."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
