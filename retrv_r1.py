@@ -27,17 +27,20 @@ One GPU, pretrained SmolVLM (weights from the hub or a local directory):
 
 Sections (read top to bottom; nothing is used before it is defined):
 
-    1. Config                 Config dataclass, presets, argparse generated from the fields
-    2. Utilities              seeding, device/dtype choice, masked means, atomic checkpoints
-    3. Data                   the synthetic world -> M-BEIR layout; the M-BEIR reader
-    4. Backbone               tokenizer, Idefics3/SmolVLM (tiny random-init or pretrained)
+    1. Config                 Config dataclass, presets (smoke / tiny / smolvlm), argparse from the fields
+    2. Utilities              seeding, device/dtype choice, masked means, atomic checkpoints, metric logs
+    3. Data                   the synthetic world -> M-BEIR layout; the M-BEIR reader (ours or the real one)
+    4. Backbone               word-level tokenizer, Idefics3/SmolVLM (tiny random-init or pretrained)
     5. Coarse retriever phi   embeddings, InfoNCE, top-K search
+    6. ICM                    t_con = ATT1(e_con, T_c); R = ATT2(T_c, T_q); t_rel = ATT1'(e_rel, R)
+    7. Prompt + inspection    prompt layout, <insp_s>k<insp_e> splices, batched KV-cache sampler, scorer
+    8. Rewards                format / result reward, curriculum lambda, group advantages, GRPO loss
     9. Stage 0                backbone warm-up (tiny backbone only)
-   13. Evaluation             M-BEIR Recall@k (hit rate)
-   14. CLI
-
-Sections 6-8 and 10-12 (ICM, inspection and the sampler, rewards, self-alignment, CoT/SFT,
-GRPO) are added in that order by the issues that build on this foundation.
+   10. Stage 1                ICM self-alignment (LM frozen)
+   11. Stage 2                synthetic four-phase CoT and SFT activation (LoRA for pretrained LMs)
+   12. Stage 3                GRPO with the curriculum result-efficiency reward
+   13. Evaluation             M-BEIR Recall@k (hit rate), reranking, efficiency, demo
+   14. CLI                    data | train | eval | demo  (ablate, bench: not yet)
 
 Deviations from the paper
 -------------------------
@@ -55,6 +58,18 @@ Deviations from the paper
 * Coarse retriever phi: the paper uses an existing MLLM embedding model (LamRA-style). Here phi
   is a copy of the warmed-up backbone, mean-pooled and projected, trained with InfoNCE on the
   train split.
+* ICM: each ATT is one pre-norm cross-attention block (+MLP); a learnable position table is added
+  to T_c (word embeddings carry no order); e_con and e_rel are separate vectors. Self-alignment
+  targets are the frozen LM's own greedy descriptions from full tokens ("caption :" / "relation :"
+  prompts learned in the warm-up).
+* Synthetic CoT: a rule-based teacher over scene graphs instead of Qwen2.5-VL-72B. Its
+  "eliminate" phase treats color / size changes as visible in the compressed view and shape /
+  position / swap changes as needing inspection. Real M-BEIR data get a format-only trace, or
+  teacher CoTs read from a JSONL file (`--cot-file`).
+* GRPO: rollouts at temperature 1; log-probs are the untempered model's; with mu = 1 the ratio is
+  1 (the clip never binds) and the update is REINFORCE with a group baseline plus the KL term.
+  RL queries are the train queries the SFT model gets wrong first.
+* Scale: K = 8 (paper: 50), a few hundred optimiser steps per stage on CPU.
 """
 
 from __future__ import annotations
@@ -134,11 +149,11 @@ class Config:
     icm_heads: int = 4  # attention heads of ATT1, ATT2, ATT1'
     icm_max_len: int = 96  # longest candidate token sequence the ICM's position table covers
     # --- sampler (section 7) ----------------------------------------------------------------
-    max_new: int = 96  # generated tokens per trace (spliced observation tokens not counted)
+    max_new: int = 128  # generated tokens per trace (spliced observation tokens not counted)
     temperature: float = 1.0  # sampling temperature (GRPO rollouts)
     top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
     # --- stage 1: ICM self-alignment (section 10) ---------------------------------------------
-    align_steps: int = 300  # optimiser steps, LM and vision frozen, ICM trained
+    align_steps: int = 200  # optimiser steps, LM and vision frozen, ICM trained
     align_lr: float = 1e-3  # AdamW lr of the ICM
     align_batch: int = 48  # (query, candidate) pairs per step
     # --- stage 2: synthetic CoT + SFT (section 11) -------------------------------------------
@@ -153,7 +168,7 @@ class Config:
     grpo_batch: int = 8  # queries per step (B)
     G: int = 8  # rollouts per query
     grpo_mu: int = 1  # inner updates per batch of rollouts (mu)
-    grpo_lr: float = 5e-5  # AdamW lr
+    grpo_lr: float = 1e-4  # AdamW lr
     eps_clip: float = 0.2  # PPO clip range epsilon
     beta: float = 0.04  # weight of the k3 KL to the frozen SFT reference (0 = no reference model)
     grpo_agg: str = "token"  # token: mean over all tokens | seq: mean per sequence, then over sequences
@@ -169,13 +184,16 @@ class Config:
     eval_batch: int = 256  # items per embedding batch
     rerank_batch: int = 32  # queries theta reranks at once
     qid: str = ""  # demo: which query
+    bench_smoke: bool = True  # bench: also time `train --preset smoke` in a temp dir
     log_every: int = 25  # steps between metric lines
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1-2 minutes on 2 CPU cores: what the tests and notebooks use. The numbers mean little.
     "smoke": dict(world="smoke", n_train=48, n_val=16, n_test=16, n_hard_neg=15,
-                  warmup_steps=60, warmup_batch=32, ret_steps=30, ret_batch=16, log_every=10),
+                  warmup_steps=60, warmup_batch=32, ret_steps=30, ret_batch=16, align_steps=20, align_batch=16,
+                  sft_steps=20, sft_batch=8, grpo_steps=4, grpo_batch=2, G=4, grpo_pool=16, ckpt_every=2,
+                  log_every=10),
     # the default CPU run (numbers in README.md)
     "tiny": dict(),
     # pretrained SmolVLM on one GPU; images are resized to the checkpoint's tile size
@@ -1496,10 +1514,10 @@ def parse_inspection(bb: Backbone, ids: list[int], K: int, inspected: list[int])
     """ids ends in <insp_e>. Returns (k, None) for a valid request, or (None, reason).
 
     Invalid: no matching <insp_s>, not a number, outside 1..K, already inspected, more than K."""
-    s_id = bb.tid("<insp_s>")
-    if s_id not in ids[:-1]:
+    s_id, e_id = bb.tid("<insp_s>"), bb.tid("<insp_e>")
+    start = next((t for t in range(len(ids) - 2, -1, -1) if ids[t] in (s_id, e_id)), None)
+    if start is None or ids[start] != s_id:  # none, or the last one was already closed
         return None, "<insp_e> without <insp_s>"
-    start = len(ids) - 2 - ids[-2::-1].index(s_id)
     inner = bb.tok.decode(ids[start + 1: -1]).strip()
     if not inner.isdigit():
         return None, f"inspection index {inner!r} is not a number"
@@ -1527,7 +1545,8 @@ def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def sample(theta: Reasoner, prompts: list[Prompt], max_new: int = 96, greedy: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
-           inspect: bool = True, return_logits: bool = False, forced: list[list[int]] | None = None) -> list[Rollout]:
+           inspect: bool = True, return_logits: bool = False, forced: list[list[int]] | None = None,
+           stop_ids: tuple | None = None) -> list[Rollout]:
     """Batched generation with a KV cache and details inspection.
 
     Each step every live sequence feeds its new token; a sequence that just closed a valid
@@ -1552,7 +1571,7 @@ def sample(theta: Reasoner, prompts: list[Prompt], max_new: int = 96, greedy: bo
     next_pos = mask.sum(-1)  # (B,) position of the next token
     gens = None if greedy else [torch.Generator(device="cpu").manual_seed(int(s)) for s in
                                 (seeds if seeds is not None else range(B))]
-    stop = {bb.tid("</answer>"), bb.tok.eos_token_id}
+    stop = {bb.tid("</answer>"), bb.tok.eos_token_id} if stop_ids is None else set(stop_ids)
     insp_e = bb.tid("<insp_e>")
     outs = [Rollout() for _ in range(B)]
     done = [False] * B
@@ -1609,8 +1628,9 @@ def sample(theta: Reasoner, prompts: list[Prompt], max_new: int = 96, greedy: bo
         n_real = m.sum(-1)
         next_logits = logits[torch.arange(B, device=dev), n_real - 1].float()
         next_pos = next_pos + n_real
+    think = [bb.tid("<think>")]  # the prompt's last token opens the trace: the text starts with it
     for r in outs:
-        r.text = bb.tok.decode(r.ids)
+        r.text = bb.tok.decode(think + r.ids)
     return (outs, steps_logits) if return_logits else outs
 
 
@@ -2570,7 +2590,7 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
     split = split or cfg.split
     stage = stage or cfg.stage or furthest_stage(cfg)
     if stage not in ("coarse", "sft", "grpo", "icm"):
-        raise RetrvError(f"--stage must be coarse, sft or grpo (got {stage!r})")
+        raise RetrvError(f"--stage must be coarse, icm, sft or grpo (got {stage!r})")
     dev, dt = pick_device(cfg, verbose)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -2646,13 +2666,11 @@ def demo(cfg: Config, verbose: bool = True) -> dict:
 
 
 def plot_query_and_candidates(it: RerankItem, pick: int | None, inspected: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebook backends alone
 
     K = len(it.cands)
-    fig, axes = plt.subplots(1, K + 1, figsize=(1.6 * (K + 1), 2.2))
+    fig = Figure(figsize=(1.6 * (K + 1), 2.2))
+    axes = fig.subplots(1, K + 1)
     cache = ImageCache(128)
 
     def show(ax, item, title, color=None):
@@ -2676,13 +2694,193 @@ def plot_query_and_candidates(it: RerankItem, pick: int | None, inspected: list,
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def textwrap_words(s: str, width: int) -> list[str]:
     import textwrap
 
     return textwrap.wrap(s, width)
+
+
+# ---- bench: speed and memory -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def naive_generate(theta: Reasoner, prompts: list[Prompt], max_new: int) -> list[list[int]]:
+    """Greedy decoding that recomputes the whole sequence every step (no KV cache): the baseline."""
+    bb = theta.bb
+    x, mask = left_pad([p.embeds for p in prompts])
+    out = [[] for _ in prompts]
+    for _ in range(max_new):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        _, logits, _ = bb.lm(x, attention_mask=mask, position_ids=pos)
+        tok = logits[:, -1].argmax(-1)
+        for b, t in enumerate(tok.tolist()):
+            out[b].append(t)
+        x = torch.cat([x, bb.embed_text(tok[:, None])], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return out
+
+
+def bench(cfg: Config, verbose: bool = True) -> dict:
+    """Speed and memory figures (DESIGN.md section 9); writes <run_dir>/bench.json.
+
+    Uses the run's furthest theta (or an untrained tiny one if none: speed does not depend on
+    training). Every figure is a median over repeats after one warm-up call."""
+    dev, dt = pick_device(cfg, verbose)
+    stage = next((s for s in ("grpo", "sft", "icm") if stage_done(cfg, s)), None)
+    if stage:
+        theta = load_reasoner(cfg, stage, dev)
+    else:
+        theta = Reasoner(new_tiny_backbone(cfg), cfg).to(dev)
+    theta.eval()
+    ensure_world(cfg, verbose=False)
+    emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
+    splits = load_split(cfg.data_root, "val", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
+    rng = random.Random(cfg.seed)
+    pool = [(ts, i) for ts in splits for i in range(len(ts))]
+
+    def items_for(n: int, K: int):
+        out = []
+        for ts, i in rng.sample(pool, n):
+            rows = (ts.pos[i] + ts.neg[i] + rng.sample(range(len(ts.pool)), K))[:K]
+            out.append((query_item(ts, i), [cand_item(ts, j) for j in rows]))
+        return out
+
+    def timed(fn, reps: int = 3) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+
+    res: dict[str, Any] = {"device": f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU, %d threads' % torch.get_num_threads()})",
+                           "theta_stage": stage or "untrained"}
+    # 1. sampler throughput: batch of the GRPO size, greedy, no inspection, 64 new tokens
+    n_new = 64
+    batch = items_for(max(1, cfg.grpo_batch * cfg.G // cfg.K), cfg.K)
+    with torch.no_grad(), autocast(dev, dt):
+        prompts = build_prompts(theta, emb, [q for q, _ in batch], [c for _, c in batch])
+    prompts = (prompts * (cfg.grpo_batch * cfg.G // max(1, len(prompts)) + 1))[: cfg.grpo_batch * cfg.G]
+    B = len(prompts)
+    eos = theta.bb.tok.eos_token_id
+    x, m = left_pad([p.embeds for p in prompts])
+
+    def ours():
+        with autocast(dev, dt):
+            return sample(theta, prompts, max_new=n_new, greedy=True, inspect=False, stop_ids=())
+
+    def hf():
+        with torch.no_grad(), autocast(dev, dt):
+            return theta.bb.model.generate(inputs_embeds=x, attention_mask=m, max_new_tokens=n_new, min_new_tokens=n_new,
+                                           do_sample=False, pad_token_id=theta.bb.tok.pad_token_id, eos_token_id=eos)
+
+    def naive():
+        with autocast(dev, dt):
+            return naive_generate(theta, prompts, n_new)
+
+    t_ours, t_hf, t_naive = timed(ours), timed(hf), timed(naive, reps=1)
+    res.update(sampler_tok_s=B * n_new / t_ours, generate_tok_s=B * n_new / t_hf, naive_tok_s=B * n_new / t_naive)
+    res["sampler_vs_generate"] = res["sampler_tok_s"] / res["generate_tok_s"]
+    res["sampler_vs_naive"] = res["sampler_tok_s"] / res["naive_tok_s"]
+    # 2. rerank latency and context tokens, ICM vs full tokens, as K grows
+    res["rerank_ms"], res["context_tokens"], res["icm_speedup"] = {"icm": {}, "full": {}}, {"icm": {}, "full": {}}, {}
+    for K in (4, 8, 16, 32):
+        qs = items_for(8, K)
+        for mode, name in (("both", "icm"), ("off", "full")):
+            theta.mode = mode
+
+            def rr():
+                with torch.no_grad(), autocast(dev, dt):
+                    ps = build_prompts(theta, emb, [q for q, _ in qs], [c for _, c in qs])
+                    sample(theta, ps, max_new=32, greedy=True, inspect=False, stop_ids=())
+                    return ps
+
+            t = timed(rr, reps=2)
+            with torch.no_grad():
+                ps = build_prompts(theta, emb, [q for q, _ in qs], [c for _, c in qs])
+            res["rerank_ms"][name][str(K)] = 1000 * t / len(qs)
+            res["context_tokens"][name][str(K)] = sum(p.embeds.shape[0] for p in ps) / len(ps)
+        res["icm_speedup"][str(K)] = res["rerank_ms"]["full"][str(K)] / res["rerank_ms"]["icm"][str(K)]
+    theta.mode = cfg.icm_mode
+    # 3. training step times (SFT step; GRPO rollout and update), on throw-away copies
+    sft_batch = [(RerankItem(q, c, [], [1], None, [], "0", "bench"),
+                  "<think> keep : 1 2 . <insp_s> 1 <insp_e> match . </think> <answer> 1 </answer>")
+                 for q, c in items_for(cfg.sft_batch, cfg.K)]
+    params = [p for p in theta.parameters()]
+    for p in theta.bb.text.parameters():
+        p.requires_grad_(True)
+
+    def sft_step():
+        with autocast(dev, dt):
+            loss, _ = sft_loss(theta, emb, sft_batch)
+        loss.backward()
+        theta.zero_grad(set_to_none=True)
+
+    res["sft_step_s"] = timed(sft_step, reps=2)
+    gb = items_for(cfg.grpo_batch, cfg.K)
+
+    def rollout():
+        with torch.no_grad(), autocast(dev, dt):
+            ps = build_prompts(theta, emb, [q for q, _ in gb], [c for _, c in gb])
+            return sample(theta, [p for p in ps for _ in range(cfg.G)], max_new=cfg.max_new, seeds=list(range(len(ps) * cfg.G)))
+
+    res["grpo_rollout_s"] = timed(rollout, reps=1)
+    rolls = rollout()
+
+    def update():
+        with autocast(dev, dt):
+            ps = build_prompts(theta, emb, [q for q, _ in gb], [c for _, c in gb])
+            logp, mask = score(theta, [p for p in ps for _ in range(cfg.G)], rolls)
+            loss, _ = grpo_loss(logp, logp.detach(), None, torch.randn(len(rolls), device=dev), mask, beta=0.0)
+        loss.backward()
+        theta.zero_grad(set_to_none=True)
+
+    res["grpo_update_s"] = timed(update, reps=1)
+    del params
+    res["peak_mem_mb"] = peak_mem_mb(dev)
+    # 4. wall time of `train --preset smoke` in a fresh run directory (a subprocess, like a user)
+    if cfg.bench_smoke:
+        with tempfile_dir() as d:
+            t0 = time.time()
+            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "train", "--preset", "smoke",
+                                 "--run-dir", str(Path(d) / "run"), "--device", cfg.device],
+                                capture_output=True, text=True)
+            res["smoke_train_s"] = time.time() - t0 if rc.returncode == 0 else None
+    else:
+        res["smoke_train_s"] = None
+    atomic_write_text(Path(cfg.run_dir) / "bench.json", json.dumps(res, indent=2))
+    if verbose:
+        print(format_bench(res))
+        print(f"[bench] wrote {Path(cfg.run_dir) / 'bench.json'}")
+    return res
+
+
+def tempfile_dir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="retrv_r1_bench_")
+
+
+def format_bench(r: dict) -> str:
+    lines = [f"device: {r['device']}   theta: {r['theta_stage']}",
+             f"sampler {r['sampler_tok_s']:.0f} tok/s | transformers.generate {r['generate_tok_s']:.0f} tok/s | "
+             f"naive (no cache) {r['naive_tok_s']:.0f} tok/s  ->  {r['sampler_vs_generate']:.2f}x generate, "
+             f"{r['sampler_vs_naive']:.2f}x naive",
+             "| K | ctx tokens ICM | ctx tokens full | rerank ms ICM | rerank ms full | ICM speed-up |", "|---|---|---|---|---|---|"]
+    for K in r["icm_speedup"]:
+        lines.append(f"| {K} | {r['context_tokens']['icm'][K]:.0f} | {r['context_tokens']['full'][K]:.0f} | "
+                     f"{r['rerank_ms']['icm'][K]:.1f} | {r['rerank_ms']['full'][K]:.1f} | {r['icm_speedup'][K]:.2f}x |")
+    lines.append(f"SFT step {r['sft_step_s']:.2f} s | GRPO rollout {r['grpo_rollout_s']:.2f} s, update {r['grpo_update_s']:.2f} s"
+                 f" | peak memory {r['peak_mem_mb']:.0f} MB | train --preset smoke "
+                 + (f"{r['smoke_train_s']:.0f} s" if r.get("smoke_train_s") else "not measured"))
+    return "\n".join(lines)
 
 
 def format_table(res: dict) -> str:
@@ -2741,6 +2939,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(cfg)
         elif cmd == "demo":
             demo(cfg)
+        elif cmd == "bench":
+            bench(cfg)
         else:
             raise RetrvError(f"`{cmd}` arrives with its issue (see README.md, 'Status'); not implemented yet")
     except RetrvError as e:

@@ -450,17 +450,17 @@ IMG_P = "cand_pool/local/mbeir_synth_task4_test_cand_pool.jsonl"  # image candid
 # ---- fixtures and helpers -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
     cfg = R.make_config("smoke", n_train=2, n_val=2, n_test=3, n_hard_neg=3)
-    return R.generate_world(cfg, tmp_path_factory.mktemp("world") / "w", verbose=False)
+    return R.generate_world(cfg, tmp_path_factory.mktemp("small_world") / "w", verbose=False)
 
 
 @pytest.fixture
-def root(world, tmp_path) -> Path:
-    """A private, mutable copy of the generated world."""
+def root(small_world, tmp_path) -> Path:
+    """A private, mutable copy of the generated small_world."""
     dst = tmp_path / "w"
-    shutil.copytree(world, dst)
+    shutil.copytree(small_world, dst)
     return dst
 
 
@@ -512,8 +512,8 @@ def _write_jsonl(path: Path, rows: list[dict], ensure_ascii: bool = True) -> Non
 # ---- sanity ---------------------------------------------------------------------------------
 
 
-def test_data_generated_world_loads(world):
-    splits = R.load_split(world, "test")
+def test_data_generated_world_loads(small_world):
+    splits = R.load_split(small_world, "test")
     assert sorted(ts.task_id for ts in splits) == [0, 3, 4, 7]
     for ts in splits:
         assert len(ts) == 3 and len(ts.pool) == 3 * 4
@@ -526,9 +526,9 @@ def test_data_generated_world_loads(world):
         assert all(ts.queries[i]["_line"] == i + 1 for i in range(len(ts)))
 
 
-def test_data_tasks_filter_and_no_match(world):
-    assert [ts.task_id for ts in R.load_split(world, "test", tasks=[7])] == [7]
-    msg = _load_err_tasks(world, [1])
+def test_data_tasks_filter_and_no_match(small_world):
+    assert [ts.task_id for ts in R.load_split(small_world, "test", tasks=[7])] == [7]
+    msg = _load_err_tasks(small_world, [1])
     assert "query/test" in msg and "no query files" in msg and "[1]" in msg
 
 
@@ -705,9 +705,9 @@ def test_data_missing_split_directory(root):
     assert str(root / "query" / "test") in msg and "no such directory" in msg
 
 
-def test_data_unknown_split_name(world):
-    msg = _load_err(world, split="dev")
-    assert str(world / "query" / "dev") in msg and "no such directory" in msg
+def test_data_unknown_split_name(small_world):
+    msg = _load_err(small_world, split="dev")
+    assert str(small_world / "query" / "dev") in msg and "no such directory" in msg
 
 
 def test_data_root_that_does_not_exist(tmp_path):
@@ -840,8 +840,8 @@ def test_data_topk_K_equal_to_pool_is_fine():
     assert s.shape == i.shape == (3, 3) and i[:, 0].tolist() == [0, 1, 2]
 
 
-def test_data_check_K_names_pool_file(world):
-    ts = R.load_split(world, "test", tasks=[0])[0]
+def test_data_check_K_names_pool_file(small_world):
+    ts = R.load_split(small_world, "test", tasks=[0])[0]
     R.check_K(R.make_config("smoke", K=len(ts.pool)), ts)  # equal: fine
     with pytest.raises(R.RetrvError) as ei:
         R.check_K(R.make_config("smoke", K=len(ts.pool) + 1), ts)
@@ -990,16 +990,16 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-def test_data_cli_eval_without_trained_run(world, tmp_path, capsys):
-    rc = R.main(["eval", "--preset", "smoke", "--run-dir", str(tmp_path / "empty"), "--data-root", str(world)])
+def test_data_cli_eval_without_trained_run(small_world, tmp_path, capsys):
+    rc = R.main(["eval", "--preset", "smoke", "--run-dir", str(tmp_path / "empty"), "--data-root", str(small_world)])
     assert rc == 2
     line = _one_error_line(capsys)
     assert str(tmp_path / "empty" / "retriever") in line and "no finished retriever" in line
 
 
-def test_data_cli_train_unknown_stage(world, tmp_path, capsys):
+def test_data_cli_train_unknown_stage(small_world, tmp_path, capsys):
     rc = R.main(["train", "--preset", "smoke", "--stages", "bogus", "--run-dir", str(tmp_path / "r"),
-                 "--data-root", str(world)])
+                 "--data-root", str(small_world)])
     assert rc == 2
     line = _one_error_line(capsys)
     assert "bogus" in line and "unknown stage" in line
@@ -1028,7 +1028,7 @@ def test_data_cli_argparse_errors_exit_2(argv, capsys):
 
 
 def test_data_cli_unimplemented_command_returns_2(tmp_path, capsys):
-    assert R.main(["bench", "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
+    assert R.main(["ablate", "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
     assert "not implemented yet" in _one_error_line(capsys)
 
 
