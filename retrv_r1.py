@@ -176,7 +176,6 @@ class Config:
     grpo_pool: int = 256  # RL queries (hardest first)
     grpo_from: str = "sft"  # sft | icm (the w/o-SFT ablation: RL straight from the aligned model)
     fixed_lambda: float = -1.0  # >= 0: fixed lam instead of the curriculum (ablation: 0.5)
-    ckpt_every: int = 20  # GRPO checkpoint every N steps (0 = only at the end)
     # --- reranking / evaluation (section 13) ------------------------------------------------
     K: int = 8  # rerank depth: phi's top-K go to theta (paper: K = 50)
     split: str = "test"  # eval: val | test
@@ -186,13 +185,15 @@ class Config:
     qid: str = ""  # demo: which query
     bench_smoke: bool = True  # bench: also time `train --preset smoke` in a temp dir
     log_every: int = 25  # steps between metric lines
+    ckpt_every: int = 50  # mid-stage checkpoint every N optimiser steps (0 = only at the end)
+    stop_after: int = 0  # stop a stage after N steps of this run, checkpointed (tests; 0 = never)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1-2 minutes on 2 CPU cores: what the tests and notebooks use. The numbers mean little.
     "smoke": dict(world="smoke", n_train=48, n_val=16, n_test=16, n_hard_neg=15,
                   warmup_steps=60, warmup_batch=32, ret_steps=30, ret_batch=16, align_steps=20, align_batch=16,
-                  sft_steps=20, sft_batch=8, grpo_steps=4, grpo_batch=2, G=4, grpo_pool=16, ckpt_every=2,
+                  sft_steps=20, sft_batch=8, grpo_steps=4, grpo_batch=2, G=4, grpo_pool=16, ckpt_every=5,
                   log_every=10),
     # the default CPU run (numbers in README.md)
     "tiny": dict(),
@@ -200,6 +201,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smolvlm": dict(world="tiny", backbone="HuggingFaceTB/SmolVLM-256M-Instruct", warmup_steps=0,
                     ret_batch=32, ret_lr=1e-4, eval_batch=64),
 }
+
+
+# fields that may change between a run and its resumption without changing what is computed
+_RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "split", "stage",
+                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke"}
 
 
 class RetrvError(Exception):
@@ -240,6 +246,12 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
         cfg.data_root = f"data/synthetic-{cfg.world}"
     if cfg.K < 1:
         raise RetrvError(f"--K must be >= 1 (got {cfg.K})")
+    for f in fields(Config):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RetrvError(f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
+        if f.name.endswith("_lr") and v <= 0:
+            raise RetrvError(f"--{f.name.replace('_', '-')} must be > 0 (got {v})")
     return cfg
 
 
@@ -314,11 +326,13 @@ def git_commit() -> str:
 class MetricLog:
     """Appends one JSON object per logged step to <run_dir>/metrics/<stage>.jsonl."""
 
-    def __init__(self, run_dir: str | Path, stage: str, fresh: bool = True):
+    def __init__(self, run_dir: str | Path, stage: str, start_step: int = 0):
         self.path = Path(run_dir) / "metrics" / f"{stage}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh and self.path.exists():
-            self.path.unlink()
+        if self.path.exists():  # keep what a resumed run already logged, drop the rest
+            keep = [line for line in self.path.read_text().splitlines()
+                    if start_step and json.loads(line).get("step", 0) < start_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, **row) -> None:
         with open(self.path, "a") as fh:
@@ -377,6 +391,83 @@ def save_config(cfg: Config) -> None:
 
 def stage_done(cfg: Config, stage: str) -> bool:
     return (Path(cfg.run_dir) / stage / "state.json").exists()
+
+
+# fields that decide tensor shapes: a checkpoint made with other values cannot be loaded
+SHAPE_FIELDS = ("backbone", "vision_hidden", "vision_layers", "patch_size", "text_hidden", "text_layers",
+                "text_heads", "text_kv_heads", "text_mlp", "image_size", "ret_dim", "icm_heads", "icm_max_len")
+
+
+def check_compatible(saved: dict, cfg: Config, where: str, keys=SHAPE_FIELDS) -> None:
+    """Refuse a checkpoint whose config differs from ours in a field that matters, naming them."""
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in keys if k in saved and saved.get(k) != getattr(cfg, k)}
+    if diff:
+        raise RetrvError(f"{where} was made with a different config: " +
+                         ", ".join(f"{k}={a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in diff.items()))
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RetrvError(f"{path / 'state.json'} is unreadable ({e}); delete {path} to redo that stage") from None
+
+
+class StopRun(Exception):
+    """Raised after --stop-after steps (a planned interruption: tests, preemptible jobs)."""
+
+
+class Partial:
+    """Mid-stage checkpoints in <run_dir>/<stage>_partial/: the module's weights (safetensors), the
+    optimiser and scheduler state (torch.save; loaded with weights_only=True), the data-order RNG
+    and the step, written atomically every --ckpt-every steps. `train` rerun on the run directory
+    resumes from there and ends exactly where an uninterrupted run ends (same seed, CPU)."""
+
+    def __init__(self, cfg: Config, stage: str, module: nn.Module, opt, sched, rng: random.Random):
+        self.cfg, self.stage, self.module, self.opt, self.sched, self.rng = cfg, stage, module, opt, sched, rng
+        self.dir = Path(cfg.run_dir) / f"{stage}_partial"
+        self.ran = 0
+
+    def resume(self) -> int:
+        """Load the partial checkpoint if there is one; returns the first step to run."""
+        from safetensors.torch import load_model
+
+        if not (self.dir / "state.json").exists():
+            return 0
+        st = read_state(self.dir)
+        check_compatible(st["config"], self.cfg, str(self.dir),
+                         keys=[f.name for f in fields(Config) if f.name not in _RUNTIME_FIELDS])
+        try:
+            load_model(self.module, str(self.dir / "model.safetensors"))
+            tr = torch.load(self.dir / "trainer.pt", weights_only=True)
+        except Exception as e:
+            raise RetrvError(f"{self.dir} is corrupt ({type(e).__name__}: {e}); delete it to restart {self.stage}") from None
+        self.opt.load_state_dict(tr["opt"])
+        self.sched.load_state_dict(tr["sched"])
+        torch.set_rng_state(tr["torch_rng"])
+        v, internal, g = st["rng"]
+        self.rng.setstate((v, tuple(internal), g))
+        print(f"[{self.stage}] resuming from {self.dir} at step {st['step']}")
+        return st["step"]
+
+    def step_done(self, step: int) -> None:
+        """Call after optimiser step `step` (0-based): checkpoint / planned stop."""
+        from safetensors.torch import save_model
+
+        self.ran += 1
+        n = step + 1
+        stop = self.cfg.stop_after and self.ran >= self.cfg.stop_after
+        if (self.cfg.ckpt_every and n % self.cfg.ckpt_every == 0) or stop:
+            with atomic_dir(self.dir) as tmp:
+                save_model(self.module, str(tmp / "model.safetensors"))
+                torch.save({"opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                            "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+                (tmp / "state.json").write_text(json.dumps(stage_state(self.cfg, self.stage, n, rng=self.rng.getstate())))
+        if stop:
+            raise StopRun(f"{self.stage}: stopped after {self.ran} steps (--stop-after); rerun `train` to resume")
+
+    def finish(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # =============================================================================================
@@ -765,7 +856,8 @@ def _find_pool(root: Path, name: str, split: str) -> Path:
     (ours, and MSCOCO's test pools), then M-BEIR's usual shared one."""
     base = name[: -len(f"_{split}")] if name.endswith(f"_{split}") else name
     local = root / "cand_pool" / "local"
-    for cand in (local / f"{base}_{split}_cand_pool.jsonl", local / f"{base}_cand_pool.jsonl"):
+    union = root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"  # real M-BEIR train
+    for cand in (local / f"{base}_{split}_cand_pool.jsonl", local / f"{base}_cand_pool.jsonl", union):
         if cand.exists():
             return cand
     raise DataError(f"{root}/query/{split}/{name}.jsonl: no local candidate pool "
@@ -1011,7 +1103,7 @@ class Backbone(nn.Module):
         out = self.text(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=use_cache, **{self._cache_kw: cache})
         h = out.last_hidden_state
-        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        new_cache = (getattr(out, "cache", None) if self._cache_kw == "cache" else out.past_key_values) if use_cache else None
         return h, (self.lm_head(h) if logits else None), new_cache
 
     def save(self, path: Path) -> None:
@@ -1255,9 +1347,12 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
     pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i]]
     opt = torch.optim.AdamW(ret.parameters(), lr=cfg.ret_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.ret_steps, warmup=max(1, cfg.ret_steps // 20))
-    log = MetricLog(cfg.run_dir, "retriever")
     rng = random.Random(cfg.seed + 11)
-    bar = tqdm(range(cfg.ret_steps), desc="retriever (InfoNCE)", disable=not verbose)
+    ck = Partial(cfg, "retriever", ret, opt, sched, rng)
+    start = ck.resume()
+    log = MetricLog(cfg.run_dir, "retriever", start)
+    bar = tqdm(range(start, cfg.ret_steps), initial=start, total=cfg.ret_steps, desc="retriever (InfoNCE)",
+               disable=not verbose)
     ret.train()
     for step in bar:
         batch = rng.sample(pairs, min(cfg.ret_batch, len(pairs)))
@@ -1285,10 +1380,12 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
         if step % cfg.log_every == 0 or step == cfg.ret_steps - 1:
             log.log(step=step, loss=loss.item(), batch_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
+        ck.step_done(step)
     val = coarse_recall(cfg, ret, "val", verbose=False)
     with atomic_dir(Path(cfg.run_dir) / "retriever") as tmp:
         ret.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "retriever", cfg.ret_steps, val=val), indent=2))
+    ck.finish()
     if verbose:
         print(f"[retriever] val R@1 {val['avg']['R@1']:.3f}  R@{cfg.K} {val['avg'][f'R@{cfg.K}']:.3f}")
     return val
@@ -1708,7 +1805,8 @@ def score(theta: Reasoner, prompts: list[Prompt], rollouts: list[Rollout]) -> tu
 
 
 def curriculum_lambda(step: int, total: int) -> float:
-    """lam_i = i / N_iter: 0 at the first RL step, 1 at the last, linear between."""
+    """lam_i = i / N_iter, with steps indexed i = 0 .. N_iter - 1 and the last step mapped to 1:
+    lam = step / (total - 1), so the first RL step has lam = 0 and the last lam = 1 exactly."""
     if total <= 1:
         return 1.0 if step > 0 else 0.0
     return min(1.0, max(0.0, step / (total - 1)))
@@ -1901,9 +1999,12 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         print(f"[warmup] tiny Idefics3: {n / 1e6:.2f}M parameters, vocabulary {len(bb.tok)}")
     opt = torch.optim.AdamW(bb.parameters(), lr=cfg.warmup_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.warmup_steps, warmup=max(1, cfg.warmup_steps // 20))
-    log = MetricLog(cfg.run_dir, "warmup")
     rng = random.Random(f"{cfg.seed}-warmup")
-    bar = tqdm(range(cfg.warmup_steps), desc="warm-up (captions + relations)", disable=not verbose)
+    ck = Partial(cfg, "warmup", bb, opt, sched, rng)
+    start = ck.resume()
+    log = MetricLog(cfg.run_dir, "warmup", start)
+    bar = tqdm(range(start, cfg.warmup_steps), initial=start, total=cfg.warmup_steps,
+               desc="warm-up (captions + relations)", disable=not verbose)
     bb.train()
     for step in bar:
         with autocast(dev, dt):
@@ -1919,12 +2020,14 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
         if step % cfg.log_every == 0 or step == cfg.warmup_steps - 1:
             log.log(step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
+        ck.step_done(step)
     held = caption_accuracy(bb)
     held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321)
     res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}}
     with atomic_dir(Path(cfg.run_dir) / "warmup") as tmp:
         bb.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "warmup", cfg.warmup_steps, heldout=res), indent=2))
+    ck.finish()
     if verbose:
         print("[warmup] held-out caption token acc {token_acc:.3f} (shape {shape_acc:.2f}, color {color_acc:.2f}, "
               "size {size_acc:.2f}, position {position_acc:.2f})".format(**held)
@@ -2051,8 +2154,11 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
         rel_t += r
     opt = torch.optim.AdamW(theta.icm.parameters(), lr=cfg.align_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.align_steps, warmup=max(1, cfg.align_steps // 20))
-    log = MetricLog(cfg.run_dir, "icm")
-    bar = tqdm(range(cfg.align_steps), desc="ICM self-alignment", disable=not verbose)
+    ck = Partial(cfg, "icm", theta.icm, opt, sched, rng)
+    start = ck.resume()
+    log = MetricLog(cfg.run_dir, "icm", start)
+    bar = tqdm(range(start, cfg.align_steps), initial=start, total=cfg.align_steps, desc="ICM self-alignment",
+               disable=not verbose)
     theta.icm.train()
     for step in bar:
         idx = rng.sample(range(len(pairs)), min(cfg.align_batch, len(pairs)))
@@ -2070,6 +2176,7 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
         if step % cfg.log_every == 0 or step == cfg.align_steps - 1:
             log.log(step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
+        ck.step_done(step)
     theta.icm.eval()
     val_pairs = align_pairs(load_split(cfg.data_root, "val", tasks), random.Random(cfg.seed + 22), 256)
     with autocast(dev, dt):
@@ -2077,6 +2184,7 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
     with atomic_dir(Path(cfg.run_dir) / "icm") as tmp:
         theta.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "icm", cfg.align_steps, val=val), indent=2))
+    ck.finish()
     if verbose and val:
         print("[icm] val description token acc: content {content_acc_compressed:.3f} compressed vs "
               "{content_acc_full:.3f} full; relation {relation_acc_compressed:.3f} compressed vs "
@@ -2331,9 +2439,12 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
     emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.sft_steps, warmup=max(1, cfg.sft_steps // 20))
-    log = MetricLog(cfg.run_dir, "sft")
     rng = random.Random(cfg.seed + 31)
-    bar = tqdm(range(cfg.sft_steps), desc="SFT activation", disable=not verbose)
+    ck = Partial(cfg, "sft", theta, opt, sched, rng)
+    start = ck.resume()
+    log = MetricLog(cfg.run_dir, "sft", start)
+    bar = tqdm(range(start, cfg.sft_steps), initial=start, total=cfg.sft_steps, desc="SFT activation",
+               disable=not verbose)
     theta.train()
     for step in bar:
         batch = rng.sample(data, min(cfg.sft_batch, len(data)))
@@ -2348,11 +2459,13 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.log_every == 0 or step == cfg.sft_steps - 1:
             log.log(step=step, loss=loss.item(), grad_norm=float(gn), lr=sched.get_last_lr()[0], **st)
+        ck.step_done(step)
     if theta.bb.pretrained:
         merge_lora(theta.bb)
     theta.eval()
     save_theta(cfg, theta, "sft", cfg.sft_steps, n_traces=len(data))
-    return {"n_traces": len(data), "final_loss": loss.item()}
+    ck.finish()
+    return {"n_traces": len(data)}
 
 
 # =============================================================================================
@@ -2383,8 +2496,8 @@ def rl_queries(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankIt
     easy = [it for it, r in zip(cand, res) if r["pick"] in it.positives and 1 in it.positives]
     chosen = (wrong + hard_right + easy)[: cfg.grpo_pool]
     if verbose:
-        print(f"[grpo] RL pool: {len(chosen)} queries ({len(wrong)} the SFT model gets wrong, "
-              f"{len(hard_right)} right but phi's rank-1 wrong, rest easy)")
+        print(f"[grpo] RL pool: {len(chosen)} of {len(cand)} screened train queries: first the {len(wrong)} the SFT "
+              f"model gets wrong, then {len(hard_right)} it gets right where phi's rank 1 is wrong, then easy ones")
     return chosen
 
 
@@ -2405,10 +2518,12 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
     params = trainable_theta(theta, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.grpo_lr, weight_decay=0.0)
     sched = cosine_schedule(opt, cfg.grpo_steps * cfg.grpo_mu, warmup=1)
-    log = MetricLog(cfg.run_dir, "grpo")
     rng = random.Random(cfg.seed + 42)
+    ck = Partial(cfg, "grpo", theta, opt, sched, rng)
+    start = ck.resume()
+    log = MetricLog(cfg.run_dir, "grpo", start)
     G, K = cfg.G, cfg.K
-    bar = tqdm(range(cfg.grpo_steps), desc="GRPO", disable=not verbose)
+    bar = tqdm(range(start, cfg.grpo_steps), initial=start, total=cfg.grpo_steps, desc="GRPO", disable=not verbose)
     for step in bar:
         lam = cfg.fixed_lambda if cfg.fixed_lambda >= 0 else curriculum_lambda(step, cfg.grpo_steps)
         batch = rng.sample(pool, min(cfg.grpo_batch, len(pool)))
@@ -2423,7 +2538,7 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
         rw = [trace_reward(r.text, r.N_ins, r.errors, batch[n // G].positives, K, lam) for n, r in enumerate(rolls)]
         rewards = torch.tensor([x["reward"] for x in rw], device=dev)
         adv = group_advantages(rewards, G)  # (B*G,)
-        zero_std = (rearrange(rewards, "(b g) -> b g", g=G).std(-1) == 0).float().mean().item()
+        zero_std = (rearrange(rewards, "(b g) -> b g", g=G).std(-1, unbiased=False) == 0).float().mean().item()
         T = max(len(r.ids) for r in rolls)
         old_logp = torch.zeros(len(rolls), T, device=dev)
         for n, r in enumerate(rolls):
@@ -2460,14 +2575,13 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
                 tqdm.write(f"[grpo] step {step} sample (reward {rw[0]['reward']:.2f}): {rolls[0].text[:300]}")
         else:
             log.log(**row)
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.grpo_steps:
-            save_theta(cfg, theta, "grpo_partial", step + 1)
+        ck.step_done(step)
     if theta.bb.pretrained:
         merge_lora(theta.bb)
     theta.eval()
     save_theta(cfg, theta, "grpo", cfg.grpo_steps)
-    shutil.rmtree(Path(cfg.run_dir) / "grpo_partial", ignore_errors=True)
-    return {"final_reward": row["reward"], "final_N_ins": row["N_ins"]}
+    ck.finish()
+    return {"final_reward": row["reward"], "final_N_ins": row["N_ins"]} if start < cfg.grpo_steps else {}
 
 
 # =============================================================================================
@@ -2908,8 +3022,11 @@ def train(cfg: Config, verbose: bool = True) -> dict:
     bad = [s for s in stages if s not in ALL_STAGES]
     if bad:
         raise RetrvError(f"unknown stage(s) {bad}; available now: {ALL_STAGES}")
-    if _is_synthetic(cfg) or not Path(cfg.data_root).exists():
+    if _is_synthetic(cfg) or cfg.data_root == f"data/synthetic-{cfg.world}":
         ensure_world(cfg, verbose)
+    elif not Path(cfg.data_root).exists():
+        raise RetrvError(f"--data-root {cfg.data_root} does not exist (only the default data/synthetic-<world> "
+                         f"is generated on demand; `python retrv_r1.py data --data-root DIR` writes one anywhere)")
     save_config(cfg)
     out = {}
     fns = {"warmup": warmup, "retriever": train_retriever, "icm": align_icm, "sft": train_sft,
@@ -2920,7 +3037,12 @@ def train(cfg: Config, verbose: bool = True) -> dict:
                 print(f"[train] {s}: already done in {cfg.run_dir}/{s} (skipped)")
             continue
         t0 = time.time()
-        out[s] = fns[s](cfg, verbose=verbose)
+        try:
+            out[s] = fns[s](cfg, verbose=verbose)
+        except StopRun as e:
+            print(f"[train] {e}")
+            out[s] = {"stopped": True}
+            return out
         if verbose:
             print(f"[train] {s}: {time.time() - t0:.1f}s")
     return out

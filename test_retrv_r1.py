@@ -1050,3 +1050,48 @@ def test_notebook_runs_top_to_bottom(path):
     nb = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
+
+
+# ---------------------------------------------------------------- robustness: resume, determinism, safe loading
+def _resume_cfg(world, run_dir, **kw):
+    cfg, root = world
+    base = dict(data_root=str(root), run_dir=str(run_dir), n_train=6, n_val=4, n_test=4, n_hard_neg=7,
+                vision_layers=1, text_layers=1, warmup_steps=6, warmup_batch=4, ret_steps=4, ret_batch=4,
+                ckpt_every=2, log_every=1, stages="warmup,retriever")
+    return R.make_config("smoke", **{**base, **kw})
+
+
+def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(world, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    R.train(_resume_cfg(world, a), verbose=False)
+    ea = R.evaluate(_resume_cfg(world, a), split="val", stage="coarse", verbose=False)
+    # b: killed after 3 warm-up steps (checkpointed), then after 1 retriever step, then finished
+    out = R.train(_resume_cfg(world, b, stop_after=3), verbose=False)
+    assert out["warmup"] == {"stopped": True} and (b / "warmup_partial" / "state.json").exists()
+    assert not R.stage_done(_resume_cfg(world, b), "warmup")
+    R.train(_resume_cfg(world, b, stop_after=4), verbose=False)  # finishes warm-up (3 steps), stops phi
+    assert R.stage_done(_resume_cfg(world, b), "warmup") and not (b / "warmup_partial").exists()
+    R.train(_resume_cfg(world, b), verbose=False)
+    eb = R.evaluate(_resume_cfg(world, b), split="val", stage="coarse", verbose=False)
+    assert R.read_metrics(a, "warmup") == R.read_metrics(b, "warmup")
+    assert R.read_metrics(a, "retriever") == R.read_metrics(b, "retriever")
+    strip = lambda e: {k: v for k, v in e.items() if k != "efficiency"}
+    assert strip(ea) == strip(eb)  # same seed -> the same eval, interrupted or not
+    wa = R.load_backbone(str(a / "retriever")).state_dict()
+    wb = R.load_backbone(str(b / "retriever")).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_partial_checkpoint_from_another_config_is_refused(world, tmp_path):
+    R.train(_resume_cfg(world, tmp_path, stop_after=2), verbose=False)
+    with pytest.raises(R.RetrvError, match=r"warmup_lr=0\.001 \(checkpoint\) vs 0\.002 \(now\)"):
+        R.train(_resume_cfg(world, tmp_path, warmup_lr=2e-3), verbose=False)
+
+
+def test_nan_loss_stops_the_stage_and_saves_nothing(world, tmp_path):
+    with pytest.raises(R.RetrvError, match="warmup-lr must be a finite number"):
+        _resume_cfg(world, tmp_path, warmup_lr=float("nan"))
+    cfg = _resume_cfg(world, tmp_path, warmup_lr=1e12, warmup_steps=30, stages="warmup", ckpt_every=0)
+    with pytest.raises(R.RetrvError, match=r"warmup: loss is (nan|inf) at step \d+; stopping before the bad update"):
+        R.train(cfg, verbose=False)
+    assert not (tmp_path / "warmup").exists()
