@@ -163,6 +163,8 @@ class Config:
     sft_from: str = "icm"  # icm: start from the aligned ICM | none: fresh ICM (the w/o self-alignment ablation)
     lora_r: int = 16  # LoRA rank (pretrained backbones only; the tiny LM is fully fine-tuned)
     cot_file: str = ""  # optional JSONL of teacher CoTs {"qid", "trace"} from a large MLLM
+    cot_mode: str = "full"  # full: four phases | noinsp: no inspection phase | direct: answer only (ablations)
+    inspect: bool = True  # allow details inspection when sampling (False: the w/o-inspection ablation)
     # --- stage 3: GRPO (section 12) -------------------------------------------------------------
     grpo_steps: int = 60  # N_iter: RL steps (lam_i = i / N_iter)
     grpo_batch: int = 8  # queries per step (B)
@@ -184,6 +186,7 @@ class Config:
     rerank_batch: int = 32  # queries theta reranks at once
     qid: str = ""  # demo: which query
     bench_smoke: bool = True  # bench: also time `train --preset smoke` in a temp dir
+    rows: str = ""  # ablate: comma list of rows ("" = all)
     log_every: int = 25  # steps between metric lines
     ckpt_every: int = 50  # mid-stage checkpoint every N optimiser steps (0 = only at the end)
     stop_after: int = 0  # stop a stage after N steps of this run, checkpointed (tests; 0 = never)
@@ -205,7 +208,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # fields that may change between a run and its resumption without changing what is computed
 _RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "split", "stage",
-                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke"}
+                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "rows"}
 
 
 class RetrvError(Exception):
@@ -2222,18 +2225,24 @@ def relation_kind(rel: str) -> str:
     return "swapped" if "swapped" in rel else "many"
 
 
-def cot_trace(target, cand_scenes: list, positives: list[int]) -> tuple[str, list[int]] | None:
+def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full") -> tuple[str, list[int]] | None:
     """The teacher's four-phase trace for one query (1-based candidate indices), or None when the
-    positive is not among the K candidates (no correct trace exists)."""
+    positive is not among the K candidates (no correct trace exists).
+    mode "noinsp" (the w/o-inspection ablation) drops phase 3 and answers from the compressed view;
+    mode "direct" (theta without reasoning) is just "<think> </think> <answer> k </answer>"."""
     if not any(1 <= p <= len(cand_scenes) for p in positives):
         return None
+    if mode == "direct":
+        return f"<think> </think> <answer> {min(p for p in positives if p <= len(cand_scenes))} </answer>", []
     rels = [describe_relation(target, c) for c in cand_scenes]
     elim = [(k, relation_kind(r)) for k, r in enumerate(rels, 1) if relation_kind(r) in CLEAR_KINDS and k not in positives]
     keep = [k for k in range(1, len(rels) + 1) if k not in {e[0] for e in elim}]
     parts = ["<think> ideal :", caption(target), "eliminate :",
              (" , ".join(f"{k} {kind}" for k, kind in elim) or "none") + " .", "keep :", " ".join(map(str, keep)) + " ."]
     inspected = []
-    if len(keep) > 1:
+    if mode == "noinsp":
+        keep = [k for k in keep if k in positives] + [k for k in keep if k not in positives]
+    elif len(keep) > 1:
         for k in keep:
             inspected.append(k)
             parts.append(f"<insp_s> {k} <insp_e> {rels[k - 1]}")
@@ -2337,7 +2346,7 @@ def build_sft_data(cfg: Config, items: list[RerankItem], teacher: dict | None = 
         if teacher and it.qid in teacher:
             tr, src = (teacher[it.qid], None), "teacher"
         elif it.target is not None and all(s is not None for s in it.scenes):
-            tr, src = cot_trace(it.target, it.scenes, it.positives), "scene"
+            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode), "scene"
         else:
             tr, src = format_only_trace(it.positives, cfg.K), "format_only"
         if tr is None:
@@ -2533,7 +2542,8 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
             prompts = build_prompts(theta, emb, [it.query for it in batch], [it.cands for it in batch])
             rep = [p for p in prompts for _ in range(G)]  # (B*G) prompts, group-major
             seeds = [cfg.seed * 1_000_003 + step * 10_007 + n for n in range(len(rep))]
-            rolls = sample(theta, rep, max_new=cfg.max_new, temperature=cfg.temperature, top_p=cfg.top_p, seeds=seeds)
+            rolls = sample(theta, rep, max_new=cfg.max_new, temperature=cfg.temperature, top_p=cfg.top_p, seeds=seeds,
+                           inspect=cfg.inspect)
         t_roll = time.perf_counter() - t0
         rw = [trace_reward(r.text, r.N_ins, r.errors, batch[n // G].positives, K, lam) for n, r in enumerate(rolls)]
         rewards = torch.tensor([x["reward"] for x in rw], device=dev)
@@ -2634,7 +2644,7 @@ def task_key(cfg: Config, ts: TaskSplit) -> str:
 
 
 @torch.no_grad()
-def rerank(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem], inspect: bool = True,
+def rerank(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem], inspect: bool | None = None,
            verbose: bool = True, desc: str = "theta reranks") -> list[dict]:
     """theta reads each query's top-K and picks one (greedy, with inspection). The final ranking is
     the pick followed by phi's order; a trace without a valid answer falls back to phi's order."""
@@ -2645,7 +2655,7 @@ def rerank(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem],
         chunk = items[i: i + bs]
         t0 = time.perf_counter()
         prompts = build_prompts(theta, emb, [it.query for it in chunk], [it.cands for it in chunk])
-        rolls = sample(theta, prompts, max_new=cfg.max_new, greedy=True, inspect=inspect)
+        rolls = sample(theta, prompts, max_new=cfg.max_new, greedy=True, inspect=cfg.inspect if inspect is None else inspect)
         ms = (time.perf_counter() - t0) * 1000 / len(chunk)
         for it, p, r in zip(chunk, prompts, rolls):
             ans = parse_answer(r.text)
@@ -2814,6 +2824,91 @@ def textwrap_words(s: str, width: int) -> list[str]:
     import textwrap
 
     return textwrap.wrap(s, width)
+
+
+# ---- ablate: the paper's ablation rows at small scale --------------------------------------------
+
+# row -> (Config overrides, stages trained in the row's own folder, stage evaluated, paper CIRR R@5)
+ABLATION_ROWS: dict[str, tuple[dict, list, str, float | None]] = {
+    "phi only": ({}, [], "coarse", None),
+    "theta w/o reasoning": ({"cot_mode": "direct"}, ["sft"], "sft", None),
+    "w/o ICM": ({"icm_mode": "off", "sft_from": "none"}, ["sft", "grpo"], "grpo", 68.8),
+    "w/o t_con": ({"icm_mode": "rel"}, ["sft", "grpo"], "grpo", 60.7),
+    "w/o t_rel": ({"icm_mode": "con"}, ["sft", "grpo"], "grpo", 64.7),
+    "w/o self-alignment": ({"sft_from": "none"}, ["sft", "grpo"], "grpo", 64.3),
+    "w/o inspection": ({"cot_mode": "noinsp", "inspect": False}, ["sft", "grpo"], "grpo", 62.3),
+    "w/o SFT": ({"grpo_from": "icm"}, ["grpo"], "grpo", 63.0),
+    "full": ({}, ["sft", "grpo"], "grpo", 67.9),
+    "w/o RL": ({}, [], "sft", 61.1),  # the full row's SFT model
+    "fixed lambda = 0.5": ({"fixed_lambda": 0.5}, ["grpo"], "grpo", 66.6),  # from the full row's SFT model
+}
+
+
+def ablate(cfg: Config, verbose: bool = True) -> dict:
+    """Train and evaluate every ablation row; stages shared by rows are trained once and copied.
+    Rows already in ablation.json are skipped (resume); --rows picks a subset (comma list)."""
+    root = Path(cfg.run_dir)
+    rows = list(ABLATION_ROWS) if not cfg.rows else [r.strip() for r in cfg.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ABLATION_ROWS]
+    if bad:
+        raise RetrvError(f"unknown ablation row(s) {bad}; rows: {list(ABLATION_ROWS)}")
+    shared = dataclasses.replace(cfg, run_dir=str(root / "shared"), stages="warmup,retriever,icm")
+    train(shared, verbose=verbose)
+    out_f = root / "ablation.json"
+    results = json.loads(out_f.read_text()) if out_f.exists() else {}
+    t_all = time.time()
+    for name in tqdm(rows, desc="ablation rows", disable=not verbose):
+        if name in results:
+            continue
+        over, stages, ev, _ = ABLATION_ROWS[name]
+        rdir = root / "rows" / name.replace(" ", "_").replace("/", "").replace("=", "")
+        rcfg = dataclasses.replace(cfg, run_dir=str(rdir), **over)
+        rdir.mkdir(parents=True, exist_ok=True)
+        for s in ("warmup", "retriever", "icm"):
+            if not (rdir / s).exists():
+                shutil.copytree(root / "shared" / s, rdir / s)
+        for f in (root / "shared").glob("topk_*.json"):
+            shutil.copy(f, rdir / f.name)
+        if name in ("w/o RL", "fixed lambda = 0.5"):  # reuse the full row's SFT model
+            full = root / "rows" / "full" / "sft"
+            if not full.exists():
+                ablate(dataclasses.replace(cfg, rows="full"), verbose)
+                results = json.loads(out_f.read_text())
+            if not (rdir / "sft").exists():
+                shutil.copytree(full, rdir / "sft")
+        t0 = time.time()
+        if stages:
+            train(dataclasses.replace(rcfg, stages=",".join(stages)), verbose=verbose)
+        res = evaluate(rcfg, stage=ev, verbose=False)
+        res["train_s"] = time.time() - t0
+        results[name] = res
+        atomic_write_text(out_f, json.dumps(results, indent=2))
+        for f in rdir.glob("topk_*.json"):  # phi's top-K is shared: keep the copies in sync
+            if not (root / "shared" / f.name).exists():
+                shutil.copy(f, root / "shared" / f.name)
+    md = ablation_table(results, cfg)
+    atomic_write_text(root / "ablation.md", md)
+    if verbose:
+        print(md)
+        print(f"[ablate] {time.time() - t_all:.0f}s; wrote {out_f} and {root / 'ablation.md'}")
+    return results
+
+
+def ablation_table(results: dict, cfg: Config) -> str:
+    lines = [f"split {cfg.split}, K = {cfg.K}, seed {cfg.seed}, preset {cfg.preset}",
+             "| row | R@1 | R@5 | R@10 | inspections / query | context tokens / query | rerank ms / query | "
+             "format-valid | paper (CIRR R@5) |", "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
+    for name in ABLATION_ROWS:
+        if name not in results:
+            continue
+        r, e = results[name], results[name]["efficiency"]
+        paper = ABLATION_ROWS[name][3]
+        lines.append(f"| {name} | {f(r['avg']['R@1'])} | {f(r['avg']['R@5'])} | {f(r['avg']['R@10'])} | "
+                     f"{f(e.get('inspections_per_query'), 2)} | {f(e.get('context_tokens_per_query'), 1)} | "
+                     f"{f(e.get('rerank_ms_per_query'), 1)} | {f(e.get('format_valid_rate'))} | "
+                     f"{'–' if paper is None else paper} |")
+    return "\n".join(lines)
 
 
 # ---- bench: speed and memory -------------------------------------------------------------------
@@ -3063,8 +3158,10 @@ def main(argv: list[str] | None = None) -> int:
             demo(cfg)
         elif cmd == "bench":
             bench(cfg)
+        elif cmd == "ablate":
+            ablate(cfg)
         else:
-            raise RetrvError(f"`{cmd}` arrives with its issue (see README.md, 'Status'); not implemented yet")
+            raise RetrvError(f"unknown command {cmd!r}")
     except RetrvError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1027,9 +1027,9 @@ def test_data_cli_argparse_errors_exit_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_data_cli_unimplemented_command_returns_2(tmp_path, capsys):
-    assert R.main(["ablate", "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
-    assert "not implemented yet" in _one_error_line(capsys)
+def test_data_cli_unknown_ablation_row_returns_2(tmp_path, capsys):
+    assert R.main(["ablate", "--preset", "smoke", "--run-dir", str(tmp_path / "r"), "--rows", "w/o magic"]) == 2
+    assert "unknown ablation row" in _one_error_line(capsys)
 
 
 def test_data_cli_demo_without_a_trained_theta_returns_2(tmp_path, capsys):
