@@ -40,7 +40,7 @@ Sections (read top to bottom; nothing is used before it is defined):
    11. Stage 2                synthetic four-phase CoT and SFT activation (LoRA for pretrained LMs)
    12. Stage 3                GRPO with the curriculum result-efficiency reward
    13. Evaluation             M-BEIR Recall@k (hit rate), reranking, efficiency, demo
-   14. CLI                    data | train | eval | demo  (ablate, bench: not yet)
+   14. CLI                    data | train | eval | demo | ablate | bench
 
 Deviations from the paper
 -------------------------
@@ -70,6 +70,11 @@ Deviations from the paper
   1 (the clip never binds) and the update is REINFORCE with a group baseline plus the KL term.
   RL queries are the train queries the SFT model gets wrong first.
 * Scale: K = 8 (paper: 50), a few hundred optimiser steps per stage on CPU.
+
+Determinism: on CPU the same seed gives the same checkpoints and the same eval JSON, interrupted
+and resumed or not (tests check it). On CUDA, cuBLAS/SDPA kernels are not bit-deterministic by
+default; `--deterministic` turns on torch.use_deterministic_algorithms (slower) and sets
+CUBLAS_WORKSPACE_CONFIG.
 """
 
 from __future__ import annotations
@@ -1167,6 +1172,7 @@ def base_backbone(cfg: Config) -> Backbone:
         ck = Path(cfg.run_dir) / "warmup"
         if not (ck / "state.json").exists():
             raise RetrvError(f"{ck} has no finished warm-up; run `train --stages warmup` first")
+        check_compatible(read_state(ck).get("config", {}), cfg, str(ck))
         return load_backbone(str(ck))
     return load_backbone(cfg.backbone)
 
@@ -1322,6 +1328,7 @@ def load_retriever(cfg: Config) -> Retriever:
         raise RetrvError(f"{ck} has no finished retriever; run `train --stages retriever` first")
     from safetensors.torch import load_file
 
+    check_compatible(read_state(ck).get("config", {}), cfg, str(ck))
     bb = load_backbone(str(ck))
     r = Retriever(bb, cfg.ret_dim)
     try:
@@ -1505,6 +1512,7 @@ def load_reasoner(cfg: Config, stage: str, dev: torch.device) -> Reasoner:
     ck = Path(cfg.run_dir) / stage
     if not (ck / "state.json").exists():
         raise RetrvError(f"{ck} has no finished '{stage}' stage; run `train --stages {stage}` first")
+    check_compatible(read_state(ck).get("config", {}), cfg, str(ck))
     theta = Reasoner(load_backbone(str(ck)), cfg)
     try:
         sd = load_file(str(ck / "icm.safetensors"))

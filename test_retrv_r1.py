@@ -1095,3 +1095,20 @@ def test_nan_loss_stops_the_stage_and_saves_nothing(world, tmp_path):
     with pytest.raises(R.RetrvError, match=r"warmup: loss is (nan|inf) at step \d+; stopping before the bad update"):
         R.train(cfg, verbose=False)
     assert not (tmp_path / "warmup").exists()
+
+
+def test_finished_stage_from_another_config_is_refused(world, tmp_path):
+    R.train(_resume_cfg(world, tmp_path, stages="warmup"), verbose=False)
+    with pytest.raises(R.RetrvError, match=r"text_layers=1 \(checkpoint\) vs 2 \(now\)"):
+        R.base_backbone(_resume_cfg(world, tmp_path, text_layers=2))
+
+
+def test_runaway_trace_is_cut_at_max_new_and_is_a_format_error(small):
+    cfg, theta, emb, prompts = small
+    bb = theta.bb
+    forced = [bb.ids("red " * 40)] * len(prompts)
+    outs = R.sample(theta, prompts, max_new=12, forced=forced)
+    for o in outs:
+        assert len(o.ids) == 12 and not o.finished
+        assert R.format_reward(o.text, 8) == 0.0 and R.parse_answer(o.text) is None
+        assert R.trace_reward(o.text, o.N_ins, o.errors, [1], 8, 0.0)["reward"] == 0.0
