@@ -138,15 +138,15 @@ class Config:
     text_kv_heads: int = 2  # tiny: grouped-query KV heads
     text_mlp: int = 512  # tiny: MLP width
     # --- stage 0: warm-up (section 9) -------------------------------------------------------
-    warmup_steps: int = 700  # optimiser steps on captions + relation descriptions
+    warmup_steps: int = 600  # optimiser steps on captions + relation descriptions
     warmup_lr: float = 1e-3  # AdamW lr (2e-3 left shape at chance in the prototype)
     warmup_batch: int = 64  # sequences per step
-    warmup_rel_frac: float = 0.3  # share of relation (query-candidate difference) sequences
+    warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences
     # --- coarse retriever phi (section 5) ---------------------------------------------------
-    ret_steps: int = 340  # InfoNCE steps
+    ret_steps: int = 400  # InfoNCE steps
     ret_lr: float = 5e-4  # AdamW lr
     ret_batch: int = 32  # queries per step (in-batch negatives = the other queries' candidates)
-    ret_hard_negs: int = 3  # hard negatives per query from neg_cand_list
+    ret_hard_negs: int = 4  # hard negatives per query from neg_cand_list
     ret_tau: float = 0.05  # InfoNCE temperature
     ret_dim: int = 128  # embedding width after the projection
     # --- ICM (section 6) -------------------------------------------------------------------
