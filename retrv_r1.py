@@ -91,6 +91,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -2809,7 +2810,7 @@ def plot_query_and_candidates(it: RerankItem, pick: int | None, inspected: list,
         if item.get("img"):
             ax.imshow(cache.get(item["root"], item["img"], item["where"]).permute(1, 2, 0).numpy())
         else:
-            ax.text(0.5, 0.5, "\n".join(textwrap_words(item.get("txt") or "", 18)), ha="center", va="center", fontsize=5)
+            ax.text(0.5, 0.5, "\n".join(textwrap.wrap(item.get("txt") or "", 18)), ha="center", va="center", fontsize=5)
         ax.set_title(title, fontsize=7, color=color or "black")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -2826,12 +2827,6 @@ def plot_query_and_candidates(it: RerankItem, pick: int | None, inspected: list,
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-
-
-def textwrap_words(s: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(s, width)
 
 
 # ---- ablate: the paper's ablation rows at small scale --------------------------------------------
@@ -3030,7 +3025,6 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
     sft_batch = [(RerankItem(q, c, [], [1], None, [], "0", "bench"),
                   "<think> keep : 1 2 . <insp_s> 1 <insp_e> match . </think> <answer> 1 </answer>")
                  for q, c in items_for(cfg.sft_batch, cfg.K)]
-    params = [p for p in theta.parameters()]
     for p in theta.bb.text.parameters():
         p.requires_grad_(True)
 
@@ -3060,7 +3054,6 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
         theta.zero_grad(set_to_none=True)
 
     res["grpo_update_s"] = timed(update, reps=1)
-    del params
     res["peak_mem_mb"] = peak_mem_mb(dev)
     # 4. wall time of `train --preset smoke` in a fresh run directory (a subprocess, like a user)
     if cfg.bench_smoke:
