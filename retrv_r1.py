@@ -1245,6 +1245,24 @@ def pad_stack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+def assemble(bb: Backbone, rows: list[list[tuple]]) -> list[torch.Tensor]:
+    """Rows of segments ("ids", list[int], ...) / ("emb", (L, D)) -> one (L_i, D) tensor per row.
+    All token ids of the batch go through the embedding table in one call."""
+    all_ids = [t for row in rows for seg in row if seg[0] == "ids" for t in seg[1]]
+    flat = bb.embed_text(torch.tensor([all_ids or [0]], device=bb.device))[0]
+    out, off = [], 0
+    for row in rows:
+        parts = []
+        for seg in row:
+            if seg[0] == "emb":
+                parts.append(seg[1])
+            else:
+                parts.append(flat[off: off + len(seg[1])])
+                off += len(seg[1])
+        out.append(torch.cat(parts))
+    return out
+
+
 def lm_batch(bb: Backbone, rows: list[list[tuple]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Build a right-padded LM batch from segments.
 
@@ -1252,26 +1270,16 @@ def lm_batch(bb: Backbone, rows: list[list[tuple]]) -> tuple[torch.Tensor, torch
     ("ids", list[int], train: bool) tokens whose labels count when train is True.
     Returns inputs_embeds (B, T, D), attention_mask (B, T), labels (B, T) with -100 where not scored.
     labels[t] is the token AT position t; the loss compares logits[t-1] with labels[t]."""
-    all_ids = [t for row in rows for seg in row if seg[0] == "ids" for t in seg[1]]
-    flat = bb.embed_text(torch.tensor([all_ids or [0]], device=bb.device))[0]
-    off, embs, labs = 0, [], []
-    for row in rows:
-        e, l = [], []
+    x, mask = pad_stack(assemble(bb, rows))
+    labels = torch.full(mask.shape, -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        lab = []
         for seg in row:
             if seg[0] == "emb":
-                e.append(seg[1])
-                l += [-100] * seg[1].shape[0]
+                lab += [-100] * seg[1].shape[0]
             else:
-                n = len(seg[1])
-                e.append(flat[off: off + n])
-                off += n
-                l += list(seg[1]) if seg[2] else [-100] * n
-        embs.append(torch.cat(e))
-        labs.append(torch.tensor(l))
-    x, mask = pad_stack(embs)
-    labels = torch.full(mask.shape, -100, dtype=torch.long)
-    for i, l in enumerate(labs):
-        labels[i, : len(l)] = l
+                lab += list(seg[1]) if seg[2] else [-100] * len(seg[1])
+        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
     return x, mask, labels.to(x.device)
 
 
@@ -1550,24 +1558,6 @@ class Prompt:
     def splice(self, k: int) -> torch.Tensor:
         """<full> T_{c_k} </full> as (L_k + 2, D); k is 1-based."""
         return torch.cat([self.open_full, self.full[k - 1], self.close_full])
-
-
-def assemble(bb: Backbone, rows: list[list[tuple]]) -> list[torch.Tensor]:
-    """Rows of segments ("ids", list[int], ...) / ("emb", (L, D)) -> one (L_i, D) tensor per row.
-    All token ids of the batch go through the embedding table in one call."""
-    all_ids = [t for row in rows for seg in row if seg[0] == "ids" for t in seg[1]]
-    flat = bb.embed_text(torch.tensor([all_ids or [0]], device=bb.device))[0]
-    out, off = [], 0
-    for row in rows:
-        parts = []
-        for seg in row:
-            if seg[0] == "emb":
-                parts.append(seg[1])
-            else:
-                parts.append(flat[off: off + len(seg[1])])
-                off += len(seg[1])
-        out.append(torch.cat(parts))
-    return out
 
 
 def build_prompts(theta: Reasoner, emb: Embedder, queries: list[dict], cands: list[list[dict]]) -> list[Prompt]:
