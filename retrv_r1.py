@@ -1670,8 +1670,8 @@ def sample(theta: Reasoner, prompts: list[Prompt], max_new: int = 96, greedy: bo
     next_pos = mask.sum(-1)  # (B,) position of the next token
     gens = None if greedy else [torch.Generator(device="cpu").manual_seed(int(s)) for s in
                                 (seeds if seeds is not None else range(B))]
-    stop = {bb.tid("</answer>"), bb.tok.eos_token_id} if stop_ids is None else set(stop_ids)
-    insp_e = bb.tid("<insp_e>")
+    insp_e, ans_e = bb.tid("<insp_e>"), bb.tid("</answer>")
+    stop = {ans_e, bb.tok.eos_token_id} if stop_ids is None else set(stop_ids)
     outs = [Rollout() for _ in range(B)]
     done = [False] * B
     steps_logits = []
@@ -1706,7 +1706,7 @@ def sample(theta: Reasoner, prompts: list[Prompt], max_new: int = 96, greedy: bo
                     r.splices.append((len(r.ids) - 1, k))
                     extras[b] = prompts[b].splice(k)
             if tok_l[b] in stop:
-                done[b], r.finished = True, tok_l[b] == bb.tid("</answer>")
+                done[b], r.finished = True, tok_l[b] == ans_e
             elif len(r.ids) >= max_new or (forced is not None and len(r.ids) >= len(forced[b])):
                 done[b] = True
         if all(done):
@@ -2436,8 +2436,10 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
     """Stage 2: SFT activation on the synthetic CoT (ICM + LM jointly, vision frozen)."""
     dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed + 3)
-    src = "icm" if cfg.sft_from == "icm" else None
-    theta = load_reasoner(cfg, "icm", dev) if src else Reasoner(base_backbone(cfg), cfg).to(dev)
+    if cfg.sft_from not in ("icm", "none"):
+        raise RetrvError(f"--sft-from must be icm or none (got {cfg.sft_from!r})")
+    # "none" = a fresh, unaligned ICM: the w/o-self-alignment ablation
+    theta = load_reasoner(cfg, "icm", dev) if cfg.sft_from == "icm" else Reasoner(base_backbone(cfg), cfg).to(dev)
     items = rerank_items(cfg, "train", verbose=verbose)
     teacher = load_teacher_cots(cfg.cot_file) if cfg.cot_file else None
     data = build_sft_data(cfg, items, teacher, verbose)
@@ -2668,7 +2670,7 @@ def rerank(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem],
     return out
 
 
-def summarize_rerank(cfg: Config, items: list[RerankItem], res: list[dict], pos_rows: dict) -> dict:
+def summarize_rerank(cfg: Config, res: list[dict], pos_rows: dict) -> dict:
     """Per-task and averaged recall of the reranked lists, plus efficiency figures."""
     ks = sorted({1, 5, 10, cfg.K})
     tasks = {}
@@ -2733,7 +2735,7 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
         for ts in load_split(cfg.data_root, split, parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None):
             for i in range(len(ts)):
                 pos_rows[ts.queries[i]["qid"]] = ts.pos[i]
-        rec = summarize_rerank(cfg, items, res, pos_rows)
+        rec = summarize_rerank(cfg, res, pos_rows)
         eff = rec["efficiency"]
     out = {"stage": stage, "split": split, "K": cfg.K,
            "tasks": {t: {f"R@{k}": v[f"R@{k}"] for k in ks} for t, v in rec["tasks"].items()},
