@@ -181,7 +181,8 @@ class Config:
     beta: float = 0.04  # weight of the k3 KL to the frozen SFT reference (0 = no reference model)
     grpo_agg: str = "token"  # token: mean over all tokens | seq: mean per sequence, then over sequences
     grpo_clip: float = 1.0  # gradient-norm clip
-    grpo_pool: int = 256  # RL queries (hardest first)
+    grpo_pool: int = 256  # RL queries
+    grpo_pool_mode: str = "hard"  # hard: the SFT model's failures first | all: train distribution (online filter)
     grpo_from: str = "sft"  # sft | icm (the w/o-SFT ablation: RL straight from the aligned model)
     fixed_lambda: float = -1.0  # >= 0: fixed lam instead of the curriculum (ablation: 0.5)
     # --- reranking / evaluation (section 13) ------------------------------------------------
@@ -2494,11 +2495,18 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
 
 
 def rl_queries(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem], verbose: bool) -> list[RerankItem]:
-    """Train queries whose positive phi retrieved, ranked hardest first for the SFT model: those it
-    gets wrong greedily (then those where phi's rank-1 is wrong), up to grpo_pool queries."""
+    """Train queries whose positive phi retrieved, up to grpo_pool of them. hard: ranked hardest first
+    for the SFT model (those it gets wrong greedily, then those where phi's rank-1 is wrong); all: a
+    random sample of the train distribution."""
     cand = [it for it in items if it.positives]
     rng = random.Random(cfg.seed + 41)
     rng.shuffle(cand)
+    if cfg.grpo_pool_mode == "all":  # the train distribution; groups the model solves (or fails)
+        if verbose:  # reliably have zero reward variance, so advantage 0: the filter happens online
+            print(f"[grpo] RL pool: {min(len(cand), cfg.grpo_pool)} random train queries whose positive phi retrieved")
+        return cand[: cfg.grpo_pool]
+    if cfg.grpo_pool_mode != "hard":
+        raise RetrvError(f"--grpo-pool-mode must be hard or all (got {cfg.grpo_pool_mode!r})")
     cand = cand[: cfg.grpo_pool * 2]
     res = rerank(cfg, theta, emb, cand, verbose=verbose, desc="choosing RL queries")
     wrong = [it for it, r in zip(cand, res) if r["pick"] not in it.positives]
@@ -2926,6 +2934,60 @@ def naive_generate(theta: Reasoner, prompts: list[Prompt], max_new: int) -> list
     return out
 
 
+def icm_cost(theta: Reasoner, emb: Embedder, items_for, dev, dt, Ks=(4, 8, 16, 32), n_queries: int = 32,
+             new_tokens: int = 32, reps: int = 2) -> dict:
+    """What compression buys as the rerank depth K grows: ICM ([t_con, t_rel] per candidate) vs full
+    tokens (T_c per candidate), on the same n_queries queries and candidates, theta's weights unchanged.
+
+        read_ms   = build the prompt (ICM included) + one forward over it   (the context cost)
+        rerank_ms = read + greedy decoding of new_tokens tokens, no inspection (a whole rerank)
+
+    Both per query, median of reps after a warm-up call. items_for(n, K) -> [(query, K candidates)]."""
+    out = {k: {"icm": {}, "full": {}} for k in ("rerank_ms", "read_ms", "context_tokens")}
+    out.update(icm_speedup={}, read_speedup={})
+    mode0 = theta.mode
+    for K in Ks:
+        qs = items_for(n_queries, K)
+        for mode, name in (("both", "icm"), ("off", "full")):
+            theta.mode = mode
+
+            def read():
+                with torch.no_grad(), autocast(dev, dt):
+                    ps = build_prompts(theta, emb, [q for q, _ in qs], [c for _, c in qs])
+                    x, m = left_pad([p.embeds for p in ps])
+                    theta.bb.lm(x, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
+                    return ps
+
+            def whole():
+                with torch.no_grad(), autocast(dev, dt):
+                    ps = build_prompts(theta, emb, [q for q, _ in qs], [c for _, c in qs])
+                    sample(theta, ps, max_new=new_tokens, greedy=True, inspect=False, stop_ids=())
+
+            out["read_ms"][name][str(K)] = 1000 * _median_time(read, dev, reps) / len(qs)
+            out["rerank_ms"][name][str(K)] = 1000 * _median_time(whole, dev, reps) / len(qs)
+            ps = read()
+            out["context_tokens"][name][str(K)] = sum(p.embeds.shape[0] for p in ps) / len(ps)
+        for a, b in (("icm_speedup", "rerank_ms"), ("read_speedup", "read_ms")):
+            out[a][str(K)] = out[b]["full"][str(K)] / out[b]["icm"][str(K)]
+    theta.mode = mode0
+    return out
+
+
+def _median_time(fn, dev, reps: int = 3) -> float:
+    """Median wall seconds of fn over reps calls, after one warm-up call (CUDA synchronised)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
 def bench(cfg: Config, verbose: bool = True) -> dict:
     """Speed and memory figures (DESIGN.md section 9); writes <run_dir>/bench.json.
 
@@ -2952,17 +3014,7 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
         return out
 
     def timed(fn, reps: int = 3) -> float:
-        fn()
-        ts = []
-        for _ in range(reps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2]
+        return _median_time(fn, dev, reps)
 
     res: dict[str, Any] = {"device": f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU, %d threads' % torch.get_num_threads()})",
                            "theta_stage": stage or "untrained"}
@@ -2993,26 +3045,8 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
     res.update(sampler_tok_s=B * n_new / t_ours, generate_tok_s=B * n_new / t_hf, naive_tok_s=B * n_new / t_naive)
     res["sampler_vs_generate"] = res["sampler_tok_s"] / res["generate_tok_s"]
     res["sampler_vs_naive"] = res["sampler_tok_s"] / res["naive_tok_s"]
-    # 2. rerank latency and context tokens, ICM vs full tokens, as K grows
-    res["rerank_ms"], res["context_tokens"], res["icm_speedup"] = {"icm": {}, "full": {}}, {"icm": {}, "full": {}}, {}
-    for K in (4, 8, 16, 32):
-        qs = items_for(8, K)
-        for mode, name in (("both", "icm"), ("off", "full")):
-            theta.mode = mode
-
-            def rr():
-                with torch.no_grad(), autocast(dev, dt):
-                    ps = build_prompts(theta, emb, [q for q, _ in qs], [c for _, c in qs])
-                    sample(theta, ps, max_new=32, greedy=True, inspect=False, stop_ids=())
-                    return ps
-
-            t = timed(rr, reps=2)
-            with torch.no_grad():
-                ps = build_prompts(theta, emb, [q for q, _ in qs], [c for _, c in qs])
-            res["rerank_ms"][name][str(K)] = 1000 * t / len(qs)
-            res["context_tokens"][name][str(K)] = sum(p.embeds.shape[0] for p in ps) / len(ps)
-        res["icm_speedup"][str(K)] = res["rerank_ms"]["full"][str(K)] / res["rerank_ms"]["icm"][str(K)]
-    theta.mode = cfg.icm_mode
+    # 2. rerank latency and context tokens, ICM vs full tokens, as K grows (at eval's batch size)
+    res.update(icm_cost(theta, emb, items_for, dev, dt, n_queries=cfg.rerank_batch))
     # 3. training step times (SFT step; GRPO rollout and update), on throw-away copies
     sft_batch = [(RerankItem(q, c, [], [1], None, [], "0", "bench"),
                   "<think> keep : 1 2 . <insp_s> 1 <insp_e> match . </think> <answer> 1 </answer>")
@@ -3075,13 +3109,21 @@ def format_bench(r: dict) -> str:
              f"sampler {r['sampler_tok_s']:.0f} tok/s | transformers.generate {r['generate_tok_s']:.0f} tok/s | "
              f"naive (no cache) {r['naive_tok_s']:.0f} tok/s  ->  {r['sampler_vs_generate']:.2f}x generate, "
              f"{r['sampler_vs_naive']:.2f}x naive",
-             "| K | ctx tokens ICM | ctx tokens full | rerank ms ICM | rerank ms full | ICM speed-up |", "|---|---|---|---|---|---|"]
-    for K in r["icm_speedup"]:
-        lines.append(f"| {K} | {r['context_tokens']['icm'][K]:.0f} | {r['context_tokens']['full'][K]:.0f} | "
-                     f"{r['rerank_ms']['icm'][K]:.1f} | {r['rerank_ms']['full'][K]:.1f} | {r['icm_speedup'][K]:.2f}x |")
+             format_icm_cost(r)]
     lines.append(f"SFT step {r['sft_step_s']:.2f} s | GRPO rollout {r['grpo_rollout_s']:.2f} s, update {r['grpo_update_s']:.2f} s"
                  f" | peak memory {r['peak_mem_mb']:.0f} MB | train --preset smoke "
                  + (f"{r['smoke_train_s']:.0f} s" if r.get("smoke_train_s") else "not measured"))
+    return "\n".join(lines)
+
+
+def format_icm_cost(r: dict) -> str:
+    """The ICM-vs-full table of icm_cost (per query; read = prompt + one forward, rerank = read + decoding)."""
+    lines = ["| K | ctx tokens ICM | full | read ms ICM | full | read speed-up | rerank ms ICM | full | "
+             "rerank speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for K in r["icm_speedup"]:
+        lines.append(f"| {K} | {r['context_tokens']['icm'][K]:.0f} | {r['context_tokens']['full'][K]:.0f} | "
+                     f"{r['read_ms']['icm'][K]:.2f} | {r['read_ms']['full'][K]:.2f} | {r['read_speedup'][K]:.2f}x | "
+                     f"{r['rerank_ms']['icm'][K]:.1f} | {r['rerank_ms']['full'][K]:.1f} | {r['icm_speedup'][K]:.2f}x |")
     return "\n".join(lines)
 
 

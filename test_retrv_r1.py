@@ -181,6 +181,26 @@ def test_icm_shapes_and_token_counts(small):
     assert torch.allclose(z["attn_con"].sum(-1), torch.ones(3, cfg.icm_heads))
 
 
+def test_icm_cost_counts_fewer_tokens_and_restores_the_mode(small, world):
+    cfg, theta, emb, _ = small
+    _, root = world
+    ts = R.load_split(root, "val")[0]
+
+    def items_for(n, K):
+        return [(R.query_item(ts, i), [R.cand_item(ts, j) for j in range(K)]) for i in range(n)]
+
+    theta.mode = "both"
+    r = R.icm_cost(theta, emb, items_for, torch.device("cpu"), None, Ks=(2, 4), n_queries=2, new_tokens=2, reps=1)
+    assert theta.mode == "both"
+    for K in ("2", "4"):
+        assert r["context_tokens"]["icm"][K] < r["context_tokens"]["full"][K]
+        assert r["read_ms"]["full"][K] > 0 and r["icm_speedup"][K] > 0
+    # the full-token context grows faster with K than the compressed one
+    grow = lambda m: r["context_tokens"][m]["4"] - r["context_tokens"][m]["2"]
+    assert grow("full") > grow("icm")
+    assert "read speed-up" in R.format_icm_cost(r)
+
+
 def test_greedy_sampler_equals_transformers_generate(small):
     cfg, theta, emb, prompts = small
     bb = theta.bb
