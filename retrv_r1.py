@@ -171,6 +171,8 @@ class Config:
     cot_file: str = ""  # optional JSONL of teacher CoTs {"qid", "trace"} from a large MLLM
     cot_mode: str = "full"  # full: four phases | noinsp: no inspection phase | direct: answer only (ablations)
     inspect: bool = True  # allow details inspection when sampling (False: the w/o-inspection ablation)
+    cand_order: str = "phi"  # order of the K candidates in SFT/GRPO prompts: phi | shuffle (eval: always phi)
+    sft_views: int = 1  # with cand_order=shuffle: shuffled copies of each train query's top-K in the SFT data
     # --- stage 3: GRPO (section 12) -------------------------------------------------------------
     grpo_steps: int = 60  # N_iter: RL steps (lam_i = i / N_iter)
     grpo_batch: int = 8  # queries per step (B)
@@ -2339,6 +2341,28 @@ def rerank_items(cfg: Config, split: str, ret: Retriever | None = None, verbose:
     return items
 
 
+def permute_item(it: RerankItem, rng: random.Random) -> RerankItem:
+    """The same query with its K candidates in a random order (positives re-indexed). Training on
+    shuffled orders takes away phi's rank as a shortcut: the position of the positive in phi's
+    top-K is far from uniform (often rank 2, behind a one-change hard negative), and a small
+    theta learns "answer 2" instead of comparing candidates."""
+    K = len(it.cands)
+    perm = list(range(K))
+    rng.shuffle(perm)  # new position n holds old candidate perm[n]
+    pos = [n + 1 for n, o in enumerate(perm) if o + 1 in it.positives]
+    return dataclasses.replace(it, cands=[it.cands[o] for o in perm], rows=[it.rows[o] for o in perm] + it.rows[K:],
+                               positives=pos, scenes=[it.scenes[o] for o in perm])
+
+
+def train_views(cfg: Config, items: list[RerankItem], rng: random.Random, views: int = 1) -> list[RerankItem]:
+    """What SFT/GRPO train on: phi's order, or `views` shuffled copies of every item."""
+    if cfg.cand_order == "phi":
+        return items
+    if cfg.cand_order != "shuffle":
+        raise RetrvError(f"--cand-order must be phi or shuffle (got {cfg.cand_order!r})")
+    return [permute_item(it, rng) for it in items for _ in range(views)]
+
+
 def build_sft_data(cfg: Config, items: list[RerankItem], teacher: dict | None = None, verbose: bool = True) -> list:
     """(item, trace text) for every train query that has a correct trace; prints the statistics."""
     data, kinds = [], {"scene": 0, "format_only": 0, "teacher": 0}
@@ -2443,6 +2467,8 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
     theta = load_reasoner(cfg, "icm", dev) if cfg.sft_from == "icm" else Reasoner(base_backbone(cfg), cfg).to(dev)
     items = rerank_items(cfg, "train", verbose=verbose)
     teacher = load_teacher_cots(cfg.cot_file) if cfg.cot_file else None
+    if teacher is None:  # a teacher file's traces refer to phi's order: never shuffled
+        items = train_views(cfg, items, random.Random(cfg.seed + 33), cfg.sft_views)
     data = build_sft_data(cfg, items, teacher, verbose)
     if not data:
         raise RetrvError("SFT: no train query has a correct trace (phi never retrieves a positive in the top-K?)")
@@ -2544,7 +2570,7 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
     bar = tqdm(range(start, cfg.grpo_steps), initial=start, total=cfg.grpo_steps, desc="GRPO", disable=not verbose)
     for step in bar:
         lam = cfg.fixed_lambda if cfg.fixed_lambda >= 0 else curriculum_lambda(step, cfg.grpo_steps)
-        batch = rng.sample(pool, min(cfg.grpo_batch, len(pool)))
+        batch = train_views(cfg, rng.sample(pool, min(cfg.grpo_batch, len(pool))), rng)
         t0 = time.perf_counter()
         theta.eval()
         with torch.no_grad(), autocast(dev, dt):  # --- rollouts

@@ -447,6 +447,29 @@ def test_cot_trace_phases_and_inspection_budget():
     assert ins1 == [] and "<insp_s>" not in t1
 
 
+def test_permute_item_moves_candidates_positives_and_scenes_together():
+    rng = random.Random(3)
+    g = R.make_group(0, rng, 15)
+    scenes = [g["pos"]["scene"]] + [n["scene"] for n in g["negs"][:7]]  # positive at 1 in phi's order
+    cands = [{"txt": f"c{k}"} for k in range(8)]
+    it = R.RerankItem({"txt": "q"}, cands, list(range(100, 110)), [1], g["query"]["target"], scenes, "0", "q0")
+    seen = set()
+    for seed in range(6):
+        p = R.permute_item(it, random.Random(seed))
+        assert sorted(c["txt"] for c in p.cands) == [c["txt"] for c in cands]
+        assert len(p.positives) == 1 and p.cands[p.positives[0] - 1]["txt"] == "c0"
+        assert p.rows[p.positives[0] - 1] == 100 and p.rows[8:] == [108, 109]
+        assert [p.rows[n] - 100 for n in range(8)] == [int(c["txt"][1:]) for c in p.cands]
+        text, _ = R.cot_trace(p.target, p.scenes, p.positives)
+        assert text.endswith(f"<answer> {p.positives[0]} </answer>")
+        seen.add(p.positives[0])
+    assert len(seen) > 1  # the positive does not stay at one position
+    cfg = R.make_config("smoke")
+    assert R.train_views(cfg, [it], random.Random(0)) == [it]  # phi's order by default
+    with pytest.raises(R.RetrvError, match="cand-order"):
+        R.train_views(R.make_config("smoke", cand_order="random"), [it], random.Random(0))
+
+
 def test_sft_loss_counts_generated_tokens_only(small):
     cfg, theta, emb, prompts = small
     bb = theta.bb
