@@ -150,6 +150,7 @@ class Config:
     ret_hard_negs: int = 4  # hard negatives per query from neg_cand_list
     ret_tau: float = 0.05  # InfoNCE temperature
     ret_dim: int = 128  # embedding width after the projection
+    ret_holdout: float = 0.0  # share of train queries phi never sees; SFT and GRPO then use only those
     # --- ICM (section 6) -------------------------------------------------------------------
     icm_mode: str = "both"  # both: [t_con, t_rel] | con: t_con only | rel: t_rel only | off: full T_c
     icm_heads: int = 4  # attention heads of ATT1, ATT2, ATT1'
@@ -1357,6 +1358,23 @@ def topk_search(q: torch.Tensor, pool: torch.Tensor, K: int) -> tuple[torch.Tens
     return (q @ pool.T).topk(K, dim=-1)
 
 
+def held_out(cfg: Config, qid: str) -> bool:
+    """Is this train query hidden from phi (and kept for theta)? A fixed hash of (seed, qid).
+
+    Why: phi memorises its own training queries (on train its rank 1 is the positive about twice as
+    often as on val/test), so a theta trained on phi's top-K of those same queries learns rank
+    statistics that do not hold at test time. With --ret-holdout f, phi trains on the other queries."""
+    if cfg.ret_holdout <= 0:
+        return False
+    h = int(hashlib.sha1(f"{cfg.seed}:{qid}".encode()).hexdigest()[:8], 16) / 16**8
+    return h < cfg.ret_holdout
+
+
+def theta_train_items(cfg: Config, items: list) -> list:
+    """The train items SFT and GRPO use: all of them, or only phi's held-out queries."""
+    return [it for it in items if held_out(cfg, it.qid)] if cfg.ret_holdout > 0 else items
+
+
 def train_retriever(cfg: Config, verbose: bool = True) -> dict:
     """Stage: InfoNCE on the train split, starting from the warmed-up (or pretrained) backbone."""
     dev, dt = pick_device(cfg, verbose)
@@ -1366,7 +1384,7 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
     cache = ImageCache(bb.image_size)
     emb = Embedder(bb, cache)
     train = load_split(cfg.data_root, "train", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
-    pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i]]
+    pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i] and not held_out(cfg, ts.queries[i]["qid"])]
     opt = torch.optim.AdamW(ret.parameters(), lr=cfg.ret_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.ret_steps, warmup=max(1, cfg.ret_steps // 20))
     rng = random.Random(cfg.seed + 11)
@@ -2465,7 +2483,7 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
         raise RetrvError(f"--sft-from must be icm or none (got {cfg.sft_from!r})")
     # "none" = a fresh, unaligned ICM: the w/o-self-alignment ablation
     theta = load_reasoner(cfg, "icm", dev) if cfg.sft_from == "icm" else Reasoner(base_backbone(cfg), cfg).to(dev)
-    items = rerank_items(cfg, "train", verbose=verbose)
+    items = theta_train_items(cfg, rerank_items(cfg, "train", verbose=verbose))
     teacher = load_teacher_cots(cfg.cot_file) if cfg.cot_file else None
     if teacher is None:  # a teacher file's traces refer to phi's order: never shuffled
         items = train_views(cfg, items, random.Random(cfg.seed + 33), cfg.sft_views)
@@ -2557,7 +2575,7 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
             p.requires_grad_(False)
     emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
     ref_emb = Embedder(ref.bb, emb.cache, frozen_vision=True) if ref is not None else None
-    items = rerank_items(cfg, "train", verbose=verbose)
+    items = theta_train_items(cfg, rerank_items(cfg, "train", verbose=verbose))
     pool = rl_queries(cfg, theta, emb, items, verbose)
     params = trainable_theta(theta, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.grpo_lr, weight_decay=0.0)

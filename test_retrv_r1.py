@@ -470,6 +470,18 @@ def test_permute_item_moves_candidates_positives_and_scenes_together():
         R.train_views(R.make_config("smoke", cand_order="random"), [it], random.Random(0))
 
 
+def test_ret_holdout_splits_train_queries_between_phi_and_theta():
+    cfg = R.make_config("smoke", ret_holdout=0.5)
+    qids = [f"10:{i}" for i in range(2000)]
+    held = [q for q in qids if R.held_out(cfg, q)]
+    assert 0.45 < len(held) / len(qids) < 0.55
+    assert held == [q for q in qids if R.held_out(cfg, q)]  # a fixed hash, not a random draw
+    items = [R.RerankItem({}, [], [], [1], None, [], "0", q) for q in qids[:50]]
+    assert [it.qid for it in R.theta_train_items(cfg, items)] == [q for q in qids[:50] if R.held_out(cfg, q)]
+    off = R.make_config("smoke")
+    assert not any(R.held_out(off, q) for q in qids) and R.theta_train_items(off, items) == items
+
+
 def test_sft_loss_counts_generated_tokens_only(small):
     cfg, theta, emb, prompts = small
     bb = theta.bb
