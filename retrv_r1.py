@@ -68,7 +68,12 @@ Deviations from the paper
   teacher CoTs read from a JSONL file (`--cot-file`).
 * GRPO: rollouts at temperature 1; log-probs are the untempered model's; with mu = 1 the ratio is
   1 (the clip never binds) and the update is REINFORCE with a group baseline plus the KL term.
-  RL queries are the train queries the SFT model gets wrong first.
+  RL queries are the train queries the SFT model gets wrong first (--grpo-pool-mode all: a
+  random sample of the train distribution instead).
+* Training data for theta: phi's top-K of the train queries, in phi's order -- the same queries
+  phi was trained on, so their rank statistics are rosier than at test time (README, "Diagnosis").
+  Two switches for experiments, both off by default: --ret-holdout f keeps a share f of the train
+  queries away from phi for SFT/GRPO; --cand-order shuffle trains on shuffled candidate orders.
 * Scale: K = 8 (paper: 50), a few hundred optimiser steps per stage on CPU.
 
 Determinism: on CPU the same seed gives the same checkpoints and the same eval JSON, interrupted
