@@ -2983,6 +2983,21 @@ def naive_generate(theta: Reasoner, prompts: list[Prompt], max_new: int) -> list
     return out
 
 
+def _median_time(fn, dev, reps: int = 3) -> float:
+    """Median wall seconds of fn over reps calls, after one warm-up call (CUDA synchronised)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
 def icm_cost(theta: Reasoner, emb: Embedder, items_for, dev, dt, Ks=(4, 8, 16, 32), n_queries: int = 32,
              new_tokens: int = 32, reps: int = 2) -> dict:
     """What compression buys as the rerank depth K grows: ICM ([t_con, t_rel] per candidate) vs full
@@ -3003,9 +3018,9 @@ def icm_cost(theta: Reasoner, emb: Embedder, items_for, dev, dt, Ks=(4, 8, 16, 3
             def read():
                 with torch.no_grad(), autocast(dev, dt):
                     ps = build_prompts(theta, emb, [q for q, _ in qs], [c for _, c in qs])
-                    x, m = left_pad([p.embeds for p in ps])
+                    x, m = left_pad([p.embeds for p in ps])  # (B, L, D), (B, L)
                     theta.bb.lm(x, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
-                    return ps
+                out["context_tokens"][name][str(K)] = m.sum().item() / len(ps)  # the same every call
 
             def whole():
                 with torch.no_grad(), autocast(dev, dt):
@@ -3014,27 +3029,10 @@ def icm_cost(theta: Reasoner, emb: Embedder, items_for, dev, dt, Ks=(4, 8, 16, 3
 
             out["read_ms"][name][str(K)] = 1000 * _median_time(read, dev, reps) / len(qs)
             out["rerank_ms"][name][str(K)] = 1000 * _median_time(whole, dev, reps) / len(qs)
-            ps = read()
-            out["context_tokens"][name][str(K)] = sum(p.embeds.shape[0] for p in ps) / len(ps)
         for a, b in (("icm_speedup", "rerank_ms"), ("read_speedup", "read_ms")):
             out[a][str(K)] = out[b]["full"][str(K)] / out[b]["icm"][str(K)]
     theta.mode = mode0
     return out
-
-
-def _median_time(fn, dev, reps: int = 3) -> float:
-    """Median wall seconds of fn over reps calls, after one warm-up call (CUDA synchronised)."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
 
 
 def bench(cfg: Config, verbose: bool = True) -> dict:
@@ -3062,9 +3060,6 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
             out.append((query_item(ts, i), [cand_item(ts, j) for j in rows]))
         return out
 
-    def timed(fn, reps: int = 3) -> float:
-        return _median_time(fn, dev, reps)
-
     res: dict[str, Any] = {"device": f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU, %d threads' % torch.get_num_threads()})",
                            "theta_stage": stage or "untrained"}
     # 1. sampler throughput: batch of the GRPO size, greedy, no inspection, 64 new tokens
@@ -3090,7 +3085,7 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
         with autocast(dev, dt):
             return naive_generate(theta, prompts, n_new)
 
-    t_ours, t_hf, t_naive = timed(ours), timed(hf), timed(naive, reps=1)
+    t_ours, t_hf, t_naive = _median_time(ours, dev), _median_time(hf, dev), _median_time(naive, dev, reps=1)
     res.update(sampler_tok_s=B * n_new / t_ours, generate_tok_s=B * n_new / t_hf, naive_tok_s=B * n_new / t_naive)
     res["sampler_vs_generate"] = res["sampler_tok_s"] / res["generate_tok_s"]
     res["sampler_vs_naive"] = res["sampler_tok_s"] / res["naive_tok_s"]
@@ -3109,7 +3104,7 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
         loss.backward()
         theta.zero_grad(set_to_none=True)
 
-    res["sft_step_s"] = timed(sft_step, reps=2)
+    res["sft_step_s"] = _median_time(sft_step, dev, reps=2)
     gb = items_for(cfg.grpo_batch, cfg.K)
 
     def rollout():
@@ -3117,7 +3112,7 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
             ps = build_prompts(theta, emb, [q for q, _ in gb], [c for _, c in gb])
             return sample(theta, [p for p in ps for _ in range(cfg.G)], max_new=cfg.max_new, seeds=list(range(len(ps) * cfg.G)))
 
-    res["grpo_rollout_s"] = timed(rollout, reps=1)
+    res["grpo_rollout_s"] = _median_time(rollout, dev, reps=1)
     rolls = rollout()
 
     def update():
@@ -3128,7 +3123,7 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
         loss.backward()
         theta.zero_grad(set_to_none=True)
 
-    res["grpo_update_s"] = timed(update, reps=1)
+    res["grpo_update_s"] = _median_time(update, dev, reps=1)
     res["peak_mem_mb"] = peak_mem_mb(dev)
     # 4. wall time of `train --preset smoke` in a fresh run directory (a subprocess, like a user)
     if cfg.bench_smoke:
