@@ -147,7 +147,8 @@ class Config:
     warmup_steps: int = 600  # optimiser steps on captions + relation descriptions
     warmup_lr: float = 1e-3  # AdamW lr (2e-3 left shape at chance in the prototype)
     warmup_batch: int = 64  # sequences per step
-    warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences
+    warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences among the rest
+    warmup_ideal_frac: float = 0.0  # share of "ideal" sequences (query -> caption of its target), drawn first
     # --- coarse retriever phi (section 5) ---------------------------------------------------
     ret_steps: int = 400  # InfoNCE steps
     ret_lr: float = 5e-4  # AdamW lr
@@ -1950,12 +1951,18 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 # pretrained VLM already knows about this world, from FULL tokens:
 #   caption:   [T_img]  "caption :"  -> "a large red circle top left , ... ."
 #   relation:  [T_q] "candidate :" [T_c] "relation :" -> "differs : the circle has color blue not red ."
+#   ideal:     [T_q] "ideal :" -> caption of the scene the query asks for (--warmup-ideal-frac)
 # Fresh scenes are drawn every step from a seeded stream of the world (not from the files).
+# Why "ideal": phase 1 of the CoT ("speculate the ideal target") needs the LM to read the query and
+# write the target's caption -- copy a text query word by word, caption an image query, apply an
+# edit. Without it, the SFT model's "ideal" gets the sentence's shape and positions right but binds
+# the wrong colours and shapes to them, even when the query IS the caption (README, "Diagnosis").
 
 
-def warmup_example(bb: Backbone, rng: random.Random, rel: bool, size: int) -> tuple[list, list]:
-    """One warm-up sequence as (segments, images); images are PIL renders embedded in a batch."""
-    if not rel:
+def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int) -> tuple[list, list]:
+    """One warm-up sequence (kind: caption | relation | ideal) as (segments, images); images are PIL
+    renders embedded in a batch."""
+    if kind == "caption":
         scene = random_scene(rng)
         return [("img", 0), ("ids", bb.ids("caption :"), False), ("ids", bb.ids(caption(scene)) + [bb.tid("<eos>")], True)], \
             [render(scene, size)]
@@ -1970,6 +1977,10 @@ def warmup_example(bb: Backbone, rng: random.Random, rel: bool, size: int) -> tu
         segs.append(("img", len(imgs) - 1))
     if q["txt"]:
         segs.append(("ids", bb.ids(q["txt"]), False))
+    if kind == "ideal":
+        segs.append(("ids", bb.ids("ideal :"), False))
+        segs.append(("ids", bb.ids(caption(q["target"])) + [bb.tid("<eos>")], True))
+        return segs, imgs
     segs.append(("ids", bb.ids("candidate :"), False))
     if cand["modality"] == "text":
         segs.append(("ids", bb.ids(caption(cand["scene"])), False))
@@ -1981,8 +1992,16 @@ def warmup_example(bb: Backbone, rng: random.Random, rel: bool, size: int) -> tu
     return segs, imgs
 
 
-def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int):
-    examples = [warmup_example(bb, rng, rng.random() < rel_frac, size) for _ in range(n)]
+def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0) -> str:
+    """Draw a sequence kind: ideal with probability ideal_frac, else relation with probability
+    rel_frac, else caption. (With ideal_frac = 0 no extra random number is drawn.)"""
+    if ideal_frac > 0 and rng.random() < ideal_frac:
+        return "ideal"
+    return "relation" if rng.random() < rel_frac else "caption"
+
+
+def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0):
+    examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac), size) for _ in range(n)]
     pil = [im for _, ims in examples for im in ims]
     pix = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1) for im in pil])
     vis = bb.embed_image(pix.to(bb.device))  # (N_img, n_img, D)
@@ -1994,12 +2013,13 @@ def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size
 
 
 @torch.no_grad()
-def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: float = 0.0) -> dict:
+def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: float = 0.0,
+                     ideal_frac: float = 0.0) -> dict:
     """Teacher-forced token accuracy on held-out scenes (a seed stream training never uses),
     overall and per attribute word (shape / color / size / position)."""
     bb.eval()
     rng = random.Random(seed)
-    x, mask, labels = warmup_batch(bb, rng, n, rel_frac, bb.image_size)
+    x, mask, labels = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac)
     _, pred, valid = lm_loss(bb, x, mask, labels)
     tgt = labels[:, 1:]
     ok = (pred == tgt) & valid
@@ -2036,7 +2056,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     bb.train()
     for step in bar:
         with autocast(dev, dt):
-            x, mask, labels = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac, cfg.image_size)
+            x, mask, labels = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac, cfg.image_size,
+                                           cfg.warmup_ideal_frac)
             loss, pred, valid = lm_loss(bb, x, mask, labels)
         check_finite(loss, "warmup", step)
         opt.zero_grad(set_to_none=True)
@@ -2051,7 +2072,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         ck.step_done(step)
     held = caption_accuracy(bb)
     held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321)
-    res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}}
+    held_ideal = caption_accuracy(bb, ideal_frac=1.0, seed=98765)
+    res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}, "ideal": held_ideal}
     with atomic_dir(Path(cfg.run_dir) / "warmup") as tmp:
         bb.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "warmup", cfg.warmup_steps, heldout=res), indent=2))
@@ -2059,7 +2081,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     if verbose:
         print("[warmup] held-out caption token acc {token_acc:.3f} (shape {shape_acc:.2f}, color {color_acc:.2f}, "
               "size {size_acc:.2f}, position {position_acc:.2f})".format(**held)
-              + f"; relation token acc {held_rel['token_acc']:.3f}")
+              + f"; relation token acc {held_rel['token_acc']:.3f}; ideal (query -> target caption) token acc "
+              f"{held_ideal['token_acc']:.3f} (color {held_ideal['color_acc']:.2f}, shape {held_ideal['shape_acc']:.2f})")
     return res
 
 
@@ -2723,7 +2746,7 @@ def rerank(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem],
             ctx = p.embeds.shape[0] + sum(p.splice(k).shape[0] for _, k in r.splices) + len(r.ids)
             out.append(dict(task=it.task, qid=it.qid, ranking=ranking, pick=ans, positives=it.positives,
                             N_ins=r.N_ins, format_ok=ok, ctx=ctx, prompt_tokens=p.embeds.shape[0], ms=ms,
-                            phi_top1=1 in it.positives, text=r.text, errors=r.errors))
+                            phi_top1=1 in it.positives, text=r.text, errors=r.errors, inspected=r.inspected))
     return out
 
 
@@ -2745,6 +2768,54 @@ def summarize_rerank(cfg: Config, res: list[dict], pos_rows: dict) -> dict:
            "rerank_ms_per_query": mean([r["ms"] for r in res]),
            "format_valid_rate": mean([float(r["format_ok"]) for r in res])}
     return {"tasks": tasks, "avg": avg, "efficiency": eff}
+
+
+def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
+    """Where theta's reasoning goes wrong, phase by phase (synthetic data: needs the scene graphs).
+
+        ideal_exact / ideal_word_acc   phase 1: the "ideal" it wrote vs the caption of the target
+                                       (exact, and word-by-word at the same position), per task
+        positive_kept                  phase 2: share of queries (positive in the top-K) whose
+                                       "keep" list still holds the positive
+        answered_inspected_positive    phase 3: of the queries where it inspected the positive, the
+                                       share it then answered with it
+        pick_share                     the share of answers that are phi's rank k (a rank prior shows
+                                       up as one k taking most of the mass)"""
+    by_qid = {it.qid: it for it in items}
+    ideal, words, kept, answered = {}, {}, [], []
+    picks: dict[str, int] = {}
+    for r in res:
+        it, text = by_qid[r["qid"]], r["text"]
+        picks[str(r["pick"])] = picks.get(str(r["pick"]), 0) + 1
+        if it.target is None:
+            continue
+        m = re.search(r"ideal :(.*?)(?:eliminate :|keep :|<insp_s>|</think>|$)", text)
+        gen, ref = (m.group(1).split() if m else []), caption(it.target).split()
+        ideal.setdefault(r["task"], []).append(gen == ref)
+        words.setdefault(r["task"], []).append(sum(a == b for a, b in zip(gen, ref)) / len(ref))
+        if not r["positives"]:
+            continue
+        m = re.search(r"keep :([^.<]*)", text)
+        if m:
+            kept.append(any(str(p) in m.group(1).split() for p in r["positives"]))
+        if any(k in r["positives"] for k in r.get("inspected", [])):
+            answered.append(r["pick"] in r["positives"])
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    return {"ideal_exact": {t: mean(v) for t, v in ideal.items()},
+            "ideal_word_acc": {t: mean(v) for t, v in words.items()},
+            "positive_kept": mean(kept), "n_with_keep": len(kept),
+            "answered_inspected_positive": mean(answered), "n_inspected_positive": len(answered),
+            "pick_share": {k: v / len(res) for k, v in sorted(picks.items())}}
+
+
+def format_diagnostics(d: dict) -> str:
+    f = lambda v: "–" if v is None else f"{v:.2f}"
+    return ("phase 1 ideal exact (per task): " + " ".join(f"{t}:{f(v)}" for t, v in d["ideal_exact"].items())
+            + " | word acc: " + " ".join(f"{t}:{f(v)}" for t, v in d["ideal_word_acc"].items())
+            + f"\nphase 2 positive kept {f(d['positive_kept'])} (of {d['n_with_keep']})"
+            + f" | phase 3 answered the inspected positive {f(d['answered_inspected_positive'])}"
+            + f" (of {d['n_inspected_positive']}) | answers by phi rank: "
+            + " ".join(f"{k}:{v:.2f}" for k, v in d["pick_share"].items()))
 
 
 def peak_mem_mb(dev: torch.device) -> float:
@@ -2798,6 +2869,8 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
            "tasks": {t: {f"R@{k}": v[f"R@{k}"] for k in ks} for t, v in rec["tasks"].items()},
            "avg": {f"R@{k}": rec["avg"][f"R@{k}"] for k in ks},
            "efficiency": {**eff, "peak_mem_mb": peak_mem_mb(dev)}}
+    if stage != "coarse" and any(it.target is not None for it in items):
+        out["diagnosis"] = trace_diagnostics(items, res)
     if write:
         atomic_write_text(Path(cfg.run_dir) / f"eval_{split}.json", json.dumps(out, indent=2))
     if verbose:
@@ -2807,6 +2880,8 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
             print("context tokens/query {context_tokens_per_query:.1f}  inspections/query {inspections_per_query:.2f} "
                   "(phi right at rank 1: {inspections_when_phi_top1_right:.2f}, else {inspections_when_phi_top1_wrong:.2f})"
                   "  rerank {rerank_ms_per_query:.1f} ms/query  format-valid {format_valid_rate:.3f}".format(**e))
+        if "diagnosis" in out:
+            print(format_diagnostics(out["diagnosis"]))
         if write:
             print(f"[eval] wrote {Path(cfg.run_dir) / f'eval_{split}.json'}")
     return out

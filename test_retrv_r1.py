@@ -447,6 +447,49 @@ def test_cot_trace_phases_and_inspection_budget():
     assert ins1 == [] and "<insp_s>" not in t1
 
 
+def test_warmup_ideal_sequences_label_the_target_caption_and_keep_the_default_stream(small):
+    cfg, theta, emb, _ = small
+    bb = theta.bb
+    # an "ideal" sequence: the query's tokens unlabelled, then "ideal :" and the target's caption labelled
+    for seed in range(8):
+        rng = random.Random(seed)
+        segs, imgs = R.warmup_example(bb, rng, "ideal", 64)
+        labelled = [s for s in segs if s[0] == "ids" and s[2]]
+        assert len(labelled) == 1 and bb.tok.decode(labelled[0][1][:-1]).startswith("a ")
+        assert labelled[0][1][-1] == bb.tid("<eos>")
+        assert [s for s in segs if s[0] == "ids"][-2][1] == bb.ids("ideal :")
+        assert len(imgs) == sum(s[0] == "img" for s in segs)
+    # with ideal_frac 0 the kinds (and the random stream) are those of the caption/relation mix
+    a, b = random.Random(3), random.Random(3)
+    kinds = [R.warmup_kind(a, 0.5) for _ in range(200)]
+    assert kinds == [("relation" if b.random() < 0.5 else "caption") for _ in range(200)]
+    assert a.random() == b.random()
+    mix = [R.warmup_kind(random.Random(i), 0.5, 0.25) for i in range(400)]
+    assert 0.15 < mix.count("ideal") / 400 < 0.35 and "caption" in mix and "relation" in mix
+
+
+def test_trace_diagnostics_counts_each_phase():
+    target = [("circle", "red", "large", 0), ("star", "blue", "small", 4)]
+    ref = R.caption(target)
+    wrong = ref.replace("red", "green")
+    it = lambda q, pos: R.RerankItem(query={}, cands=[], rows=[], positives=pos, target=target, scenes=[], task="0", qid=q)
+    items = [it("a", [2]), it("b", [3]), it("c", [])]
+    res = [dict(qid="a", task="0", positives=[2], pick=2, inspected=[1, 2],
+                text=f"<think> ideal : {ref} eliminate : none . keep : 1 2 . <insp_s> 1 <insp_e> x <insp_s> 2 "
+                     f"<insp_e> match . </think> <answer> 2 </answer>"),
+           dict(qid="b", task="0", positives=[3], pick=1, inspected=[3],
+                text=f"<think> ideal : {wrong} eliminate : 2 color . keep : 1 3 . <insp_s> 3 <insp_e> x </think> "
+                     f"<answer> 1 </answer>"),
+           dict(qid="c", task="0", positives=[], pick=None, inspected=[], text=f"<think> ideal : {ref} keep : 2 .")]
+    d = R.trace_diagnostics(items, res)
+    assert d["ideal_exact"]["0"] == pytest.approx(2 / 3)
+    n = len(ref.split())
+    assert d["ideal_word_acc"]["0"] == pytest.approx((1 + (n - 1) / n + 1) / 3)
+    assert d["positive_kept"] == 1.0 and d["n_with_keep"] == 2  # c has no positive: not counted
+    assert d["answered_inspected_positive"] == 0.5 and d["n_inspected_positive"] == 2
+    assert d["pick_share"] == {"1": 1 / 3, "2": 1 / 3, "None": 1 / 3}
+
+
 def test_permute_item_moves_candidates_positives_and_scenes_together():
     rng = random.Random(3)
     g = R.make_group(0, rng, 15)
