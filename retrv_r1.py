@@ -149,6 +149,7 @@ class Config:
     warmup_batch: int = 64  # sequences per step
     warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences among the rest
     warmup_ideal_frac: float = 0.0  # share of "ideal" sequences (query -> caption of its target), drawn first
+    warmup_probe: float = 0.0  # weight of the attribute-probe loss on the visual tokens (0 = off; warm-up only)
     # --- coarse retriever phi (section 5) ---------------------------------------------------
     ret_steps: int = 400  # InfoNCE steps
     ret_lr: float = 5e-4  # AdamW lr
@@ -1960,12 +1961,12 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int) -> tuple[list, list]:
-    """One warm-up sequence (kind: caption | relation | ideal) as (segments, images); images are PIL
-    renders embedded in a batch."""
+    """One warm-up sequence (kind: caption | relation | ideal) as (segments, images); an image is
+    (scene, jitter rng or None), rendered and embedded by warmup_batch."""
     if kind == "caption":
         scene = random_scene(rng)
         return [("img", 0), ("ids", bb.ids("caption :"), False), ("ids", bb.ids(caption(scene)) + [bb.tid("<eos>")], True)], \
-            [render(scene, size)]
+            [(scene, None)]
     task = rng.choice([0, 3, 4, 7])
     g = make_group(task, rng, 3)
     q = g["query"]
@@ -1973,7 +1974,7 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int) -> tu
     segs, imgs = [], []
     if q["scene"] is not None:
         jit = random.Random(rng.randrange(2**31)) if q["jitter"] else None
-        imgs.append(render(q["scene"], size, jitter=jit))
+        imgs.append((q["scene"], jit))
         segs.append(("img", len(imgs) - 1))
     if q["txt"]:
         segs.append(("ids", bb.ids(q["txt"]), False))
@@ -1985,7 +1986,7 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int) -> tu
     if cand["modality"] == "text":
         segs.append(("ids", bb.ids(caption(cand["scene"])), False))
     else:
-        imgs.append(render(cand["scene"], size))
+        imgs.append((cand["scene"], None))
         segs.append(("img", len(imgs) - 1))
     segs.append(("ids", bb.ids("relation :"), False))
     segs.append(("ids", bb.ids(describe_relation(q["target"], cand["scene"])) + [bb.tid("<eos>")], True))
@@ -2001,15 +2002,52 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0) ->
 
 
 def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0):
+    """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes)."""
     examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac), size) for _ in range(n)]
-    pil = [im for _, ims in examples for im in ims]
-    pix = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1) for im in pil])
+    imgs = [im for _, ims in examples for im in ims]
+    pix = torch.stack([torch.from_numpy(np.asarray(render(sc, size, jitter=jit), dtype=np.uint8).copy()).permute(2, 0, 1)
+                       for sc, jit in imgs])
     vis = bb.embed_image(pix.to(bb.device))  # (N_img, n_img, D)
     rows, base = [], 0
     for segs, ims in examples:
         rows.append([("emb", vis[base + s[1]]) if s[0] == "img" else s for s in segs])
         base += len(ims)
-    return lm_batch(bb, rows)
+    return (*lm_batch(bb, rows), (vis, [sc for sc, _ in imgs]))
+
+
+class AttributeProbe(nn.Module):
+    """Warm-up only (--warmup-probe w): read every cell's (shape, colour, size) -- or "empty" -- straight
+    off an image's visual tokens. A dense, direct signal for the vision tower, which the caption loss
+    reaches only through the whole LM; shape in particular learns slowly that way. Thrown away after
+    the warm-up: theta and phi never see it.
+
+        logits = W . flatten(T_img)  ->  9 cells x (1 + |shapes| + 1 + |colours| + 1 + |sizes|)"""
+
+    def __init__(self, n_img: int, D: int):
+        super().__init__()
+        self.sizes = (len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1)
+        self.head = nn.Linear(n_img * D, 9 * sum(self.sizes))
+
+    def targets(self, scenes: list, device) -> torch.Tensor:
+        """(N, 9, 3) class ids; 0 = empty cell."""
+        t = torch.zeros(len(scenes), 9, 3, dtype=torch.long)
+        for n, sc in enumerate(scenes):
+            for shape, color, size, cell in sc:
+                t[n, cell] = torch.tensor([SHAPES.index(shape) + 1, COLORS.index(color) + 1, SIZES.index(size) + 1])
+        return t.to(device)
+
+    def loss(self, vis: torch.Tensor, scenes: list) -> tuple[torch.Tensor, float]:
+        """Mean cross-entropy over cells and attributes, and the shape accuracy on occupied cells."""
+        z = self.head(vis.flatten(1).float()).view(len(scenes), 9, -1)  # (N, 9, sum(sizes))
+        tgt = self.targets(scenes, vis.device)
+        losses, off = [], 0
+        for a, n in enumerate(self.sizes):
+            losses.append(F.cross_entropy(z[..., off: off + n].reshape(-1, n), tgt[..., a].reshape(-1)))
+            if a == 0:
+                occ = tgt[..., 0] > 0
+                shape_acc = (z[..., :n].argmax(-1) == tgt[..., 0])[occ].float().mean().item()
+            off += n
+        return sum(losses) / len(losses), shape_acc
 
 
 @torch.no_grad()
@@ -2019,7 +2057,7 @@ def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: fl
     overall and per attribute word (shape / color / size / position)."""
     bb.eval()
     rng = random.Random(seed)
-    x, mask, labels = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac)
+    x, mask, labels, _ = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac)
     _, pred, valid = lm_loss(bb, x, mask, labels)
     tgt = labels[:, 1:]
     ok = (pred == tgt) & valid
@@ -2045,6 +2083,11 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     if verbose:
         n = sum(p.numel() for p in bb.parameters())
         print(f"[warmup] tiny Idefics3: {n / 1e6:.2f}M parameters, vocabulary {len(bb.tok)}")
+    probe = None
+    if cfg.warmup_probe > 0:  # a throw-away head; part of the checkpointed module while the stage runs
+        probe = AttributeProbe(bb.embed_image(torch.zeros(1, 3, bb.image_size, bb.image_size, dtype=torch.uint8,
+                                                          device=dev)).shape[1], bb.D).to(dev)
+        bb.add_module("warmup_probe", probe)
     opt = torch.optim.AdamW(bb.parameters(), lr=cfg.warmup_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.warmup_steps, warmup=max(1, cfg.warmup_steps // 20))
     rng = random.Random(f"{cfg.seed}-warmup")
@@ -2056,9 +2099,12 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     bb.train()
     for step in bar:
         with autocast(dev, dt):
-            x, mask, labels = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac, cfg.image_size,
-                                           cfg.warmup_ideal_frac)
+            x, mask, labels, (vis, scenes) = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac,
+                                                          cfg.image_size, cfg.warmup_ideal_frac)
             loss, pred, valid = lm_loss(bb, x, mask, labels)
+            if probe is not None:
+                probe_loss, probe_shape = probe.loss(vis, scenes)
+                loss = loss + cfg.warmup_probe * probe_loss
         check_finite(loss, "warmup", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -2066,10 +2112,13 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         opt.step()
         sched.step()
         acc = ((pred == labels[:, 1:]) & valid).sum().item() / max(1, valid.sum().item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+        extra = dict(probe_loss=probe_loss.item(), probe_shape_acc=probe_shape) if probe is not None else {}
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", **{k: f"{v:.2f}" for k, v in extra.items()})
         if step % cfg.log_every == 0 or step == cfg.warmup_steps - 1:
-            log.log(step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
+            log.log(step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0], **extra)
         ck.step_done(step)
+    if probe is not None:
+        del bb.warmup_probe  # warm-up only; the saved backbone is the plain Idefics3
     held = caption_accuracy(bb)
     held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321)
     held_ideal = caption_accuracy(bb, ideal_frac=1.0, seed=98765)

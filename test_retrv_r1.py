@@ -468,6 +468,20 @@ def test_warmup_ideal_sequences_label_the_target_caption_and_keep_the_default_st
     assert 0.15 < mix.count("ideal") / 400 < 0.35 and "caption" in mix and "relation" in mix
 
 
+def test_attribute_probe_targets_and_loss():
+    scene = [("circle", "red", "large", 0), ("star", "blue", "small", 4)]
+    probe = R.AttributeProbe(n_img=4, D=8)
+    t = probe.targets([scene], "cpu")
+    assert t.shape == (1, 9, 3)
+    assert t[0, 0].tolist() == [R.SHAPES.index("circle") + 1, R.COLORS.index("red") + 1, R.SIZES.index("large") + 1]
+    assert t[0, 4].tolist() == [R.SHAPES.index("star") + 1, R.COLORS.index("blue") + 1, R.SIZES.index("small") + 1]
+    assert t[0, [1, 2, 3, 5, 6, 7, 8]].abs().sum() == 0  # empty cells are class 0
+    vis = torch.randn(2, 4, 8, requires_grad=True)
+    loss, shape_acc = probe.loss(vis, [scene, scene])
+    loss.backward()
+    assert torch.isfinite(loss) and vis.grad.abs().sum() > 0 and 0.0 <= shape_acc <= 1.0
+
+
 def test_trace_diagnostics_counts_each_phase():
     target = [("circle", "red", "large", 0), ("star", "blue", "small", 4)]
     ref = R.caption(target)
