@@ -51,6 +51,9 @@ Deviations from the paper
 * Stage 0 (warm-up) does not exist in the paper: a random-initialised backbone knows nothing, so
   we first teach it to caption scenes and to describe query-candidate differences from full
   tokens. This stands in for the knowledge of a pretrained VLM and is skipped for pretrained ones.
+  Two optional extras, off by default because they did not help on val (README, "Experiments"):
+  "ideal" sequences, query -> caption of its target (--warmup-ideal-frac), and an attribute probe
+  on the visual tokens (--warmup-probe).
 * Data: a synthetic world of coloured shapes on a 3x3 grid written in the M-BEIR layout (task
   ids 0, 3, 4, 7), with one-change hard negatives, instead of the 16 M-BEIR evaluations. The
   reader also accepts the real M-BEIR root. Scene graphs travel in the M-BEIR `src_content`
