@@ -1957,10 +1957,12 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 #   relation:  [T_q] "candidate :" [T_c] "relation :" -> "differs : the circle has color blue not red ."
 #   ideal:     [T_q] "ideal :" -> caption of the scene the query asks for (--warmup-ideal-frac)
 # Fresh scenes are drawn every step from a seeded stream of the world (not from the files).
-# Why "ideal": phase 1 of the CoT ("speculate the ideal target") needs the LM to read the query and
-# write the target's caption -- copy a text query word by word, caption an image query, apply an
-# edit. Without it, the SFT model's "ideal" gets the sentence's shape and positions right but binds
-# the wrong colours and shapes to them, even when the query IS the caption (README, "Diagnosis").
+# Why offer "ideal": phase 1 of the CoT ("speculate the ideal target") needs the LM to read the query
+# and write the target's caption -- copy a text query word by word, caption an image query, apply an
+# edit. The SFT model's "ideal" gets the sentence's shape and positions right but binds the wrong
+# colours and shapes to them, even when the query IS the caption (README, "Diagnosis"). Training it
+# here raised the teacher-forced accuracy (0.67 -> 0.86) but not the copy theta writes on its own,
+# so it is off by default -- a starting point for the exercise in notebook 03.
 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int) -> tuple[list, list]:
