@@ -2090,8 +2090,9 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         print(f"[warmup] tiny Idefics3: {n / 1e6:.2f}M parameters, vocabulary {len(bb.tok)}")
     probe = None
     if cfg.warmup_probe > 0:  # a throw-away head; part of the checkpointed module while the stage runs
-        probe = AttributeProbe(bb.embed_image(torch.zeros(1, 3, bb.image_size, bb.image_size, dtype=torch.uint8,
-                                                          device=dev)).shape[1], bb.D).to(dev)
+        # visual tokens per image: (image_size / patch_size)^2 patches, pixel shuffle merges scale^2 of them
+        n_img = (bb.image_size // bb.vision.config.patch_size) ** 2 // bb.model.config.scale_factor ** 2
+        probe = AttributeProbe(n_img, bb.D).to(dev)
         bb.add_module("warmup_probe", probe)
     opt = torch.optim.AdamW(bb.parameters(), lr=cfg.warmup_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.warmup_steps, warmup=max(1, cfg.warmup_steps // 20))
