@@ -152,6 +152,8 @@ class Config:
     warmup_batch: int = 64  # sequences per step
     warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences among the rest
     warmup_ideal_frac: float = 0.0  # share of "ideal" sequences (query -> caption of its target), drawn first
+    relation_format: str = "sentence"  # how relations are written (warm-up, alignment check, CoT phase 3): sentence | objects
+    warmup_match_frac: float = 0.0  # > 0: share of relation sequences whose candidate IS the target (0: 1 in 4, drawn)
     warmup_probe: float = 0.0  # weight of the attribute-probe loss on the visual tokens (0 = off; warm-up only)
     # --- coarse retriever phi (section 5) ---------------------------------------------------
     ret_steps: int = 400  # InfoNCE steps
@@ -577,12 +579,17 @@ def one_change_variants(scene, rng: random.Random, n: int, exclude=()) -> list[l
     return out
 
 
-def describe_relation(target, cand) -> str:
+def describe_relation(target, cand, fmt: str = "sentence") -> str:
     """The 'relation description' between the scene a query asks for and a candidate's scene.
 
-    'match .' | 'differs : the circle has color blue not red .' | 'differs : the circle and the star
-    are swapped .' | 'differs : many changes .'  Objects are matched exactly first; what is left
-    over is the difference."""
+    sentence: 'match .' | 'differs : the circle has color blue not red .' | 'differs : the circle and
+    the star are swapped .' | 'differs : many changes .'  Objects are matched exactly first; what is
+    left over is the difference. The verdict comes first, in one word.
+    objects:  object_check -- one check per candidate object, then the verdict (see there)."""
+    if fmt == "objects":
+        return object_check(target, cand)
+    if fmt != "sentence":
+        raise RetrvError(f"--relation-format must be sentence or objects (got {fmt!r})")
     t, c = [tuple(o) for o in target], [tuple(o) for o in cand]
     rest_t = [o for o in t if o not in c]
     rest_c = [o for o in c if o not in t]
@@ -602,6 +609,24 @@ def describe_relation(target, cand) -> str:
         if swapped == sorted(rest_c):
             return f"differs : the {a1[0]} and the {a2[0]} are swapped ."
     return "differs : many changes ."
+
+
+def object_check(target, cand) -> str:
+    """The relation written as a check, object by object, then the verdict:
+        'the circle same , the star color . differs .'      'the circle same , the star same . match .'
+    For every object of the candidate in reading order: 'same', or which of its colour / size / position
+    differ from the target's object of the same shape, or 'shape' when the target has no such shape
+    (shapes are unique within a scene). Why: a small LM that must say match/differs in its first word
+    has to compare whole scenes in one step, and at this scale it never learns to (it says "differs"
+    every time); one lookup per object, then the verdict, is learnable (README, "Diagnosis")."""
+    by_shape = {o[0]: o for o in target}
+    checks = []
+    for o in sorted(cand, key=lambda o: o[3]):
+        t = by_shape.get(o[0])
+        diff = ["shape"] if t is None else [n for n, k in (("color", 1), ("size", 2), ("position", 3)) if t[k] != o[k]]
+        checks.append(f"the {o[0]} " + (" ".join(diff) or "same"))
+    same = canon(target) == canon(cand)
+    return " , ".join(checks) + (" . match ." if same else " . differs .")
 
 
 def apply_edit(scene, rng: random.Random) -> tuple[list[Obj], str]:
@@ -1965,9 +1990,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 # so it is off by default -- a starting point for the exercise in notebook 03.
 
 
-def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int) -> tuple[list, list]:
+def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match_frac: float = 0.0,
+                   rel_format: str = "sentence") -> tuple[list, list]:
     """One warm-up sequence (kind: caption | relation | ideal) as (segments, images); an image is
-    (scene, jitter rng or None), rendered and embedded by warmup_batch."""
+    (scene, jitter rng or None), rendered and embedded by warmup_batch. A relation's candidate is drawn
+    from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac."""
     if kind == "caption":
         scene = random_scene(rng)
         return [("img", 0), ("ids", bb.ids("caption :"), False), ("ids", bb.ids(caption(scene)) + [bb.tid("<eos>")], True)], \
@@ -1975,7 +2002,10 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int) -> tu
     task = rng.choice([0, 3, 4, 7])
     g = make_group(task, rng, 3)
     q = g["query"]
-    cand = rng.choice([g["pos"]] + g["negs"])
+    if match_frac > 0:
+        cand = g["pos"] if rng.random() < match_frac else rng.choice(g["negs"])
+    else:
+        cand = rng.choice([g["pos"]] + g["negs"])
     segs, imgs = [], []
     if q["scene"] is not None:
         jit = random.Random(rng.randrange(2**31)) if q["jitter"] else None
@@ -1994,7 +2024,7 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int) -> tu
         imgs.append((cand["scene"], None))
         segs.append(("img", len(imgs) - 1))
     segs.append(("ids", bb.ids("relation :"), False))
-    segs.append(("ids", bb.ids(describe_relation(q["target"], cand["scene"])) + [bb.tid("<eos>")], True))
+    segs.append(("ids", bb.ids(describe_relation(q["target"], cand["scene"], rel_format)) + [bb.tid("<eos>")], True))
     return segs, imgs
 
 
@@ -2006,9 +2036,11 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0) ->
     return "relation" if rng.random() < rel_frac else "caption"
 
 
-def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0):
+def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
+                 match_frac: float = 0.0, rel_format: str = "sentence"):
     """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes)."""
-    examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac), size) for _ in range(n)]
+    examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac), size, match_frac, rel_format)
+                for _ in range(n)]
     imgs = [im for _, ims in examples for im in ims]
     pix = torch.stack([torch.from_numpy(np.asarray(render(sc, size, jitter=jit), dtype=np.uint8).copy()).permute(2, 0, 1)
                        for sc, jit in imgs])
@@ -2057,12 +2089,12 @@ class AttributeProbe(nn.Module):
 
 @torch.no_grad()
 def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: float = 0.0,
-                     ideal_frac: float = 0.0) -> dict:
+                     ideal_frac: float = 0.0, rel_format: str = "sentence") -> dict:
     """Teacher-forced token accuracy on held-out scenes (a seed stream training never uses),
     overall and per attribute word (shape / color / size / position)."""
     bb.eval()
     rng = random.Random(seed)
-    x, mask, labels, _ = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac)
+    x, mask, labels, _ = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac, rel_format=rel_format)
     _, pred, valid = lm_loss(bb, x, mask, labels)
     tgt = labels[:, 1:]
     ok = (pred == tgt) & valid
@@ -2074,6 +2106,27 @@ def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: fl
         out[f"{name}_acc"] = (ok & sel).sum().item() / max(1, sel.sum().item())
     bb.train()
     return out
+
+
+@torch.no_grad()
+def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: str = "sentence") -> dict:
+    """The decision the inspection phase rests on: shown [T_q] "candidate :" [T_c] "relation :", does
+    the LM's verdict word ("match" or "differs": the first word of a sentence relation, the last of an
+    object check) come out right, teacher-forced? Held-out relation sequences, half of them matches;
+    accuracy on each half (a model that always says "differs" scores 0.0 / 1.0)."""
+    bb.eval()
+    x, mask, labels, _ = warmup_batch(bb, random.Random(seed), n, 1.0, bb.image_size, match_frac=0.5,
+                                      rel_format=rel_format)
+    _, logits, _ = bb.lm(x, attention_mask=mask)
+    ids = torch.tensor([bb.tid("match"), bb.tid("differs")], device=labels.device)
+    first = torch.isin(labels, ids).float().argmax(-1)  # (B,) position of the verdict word
+    b = torch.arange(len(first), device=first.device)
+    says_match = logits[b, first - 1][:, ids].argmax(-1) == 0  # (B,)
+    is_match = labels[b, first] == ids[0]
+    bb.train()
+    mean = lambda t: t.float().mean().item() if t.numel() else float("nan")
+    return {"on_match": mean(says_match[is_match]), "on_differs": mean(~says_match[~is_match]),
+            "balanced": (mean(says_match[is_match]) + mean(~says_match[~is_match])) / 2}
 
 
 def warmup(cfg: Config, verbose: bool = True) -> dict:
@@ -2106,7 +2159,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     for step in bar:
         with autocast(dev, dt):
             x, mask, labels, (vis, scenes) = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac,
-                                                          cfg.image_size, cfg.warmup_ideal_frac)
+                                                          cfg.image_size, cfg.warmup_ideal_frac, cfg.warmup_match_frac,
+                                                          cfg.relation_format)
             loss, pred, valid = lm_loss(bb, x, mask, labels)
             if probe is not None:
                 probe_loss, probe_shape = probe.loss(vis, scenes)
@@ -2126,9 +2180,10 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     if probe is not None:
         del bb.warmup_probe  # warm-up only; the saved backbone is the plain Idefics3
     held = caption_accuracy(bb)
-    held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321)
+    held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321, rel_format=cfg.relation_format)
     held_ideal = caption_accuracy(bb, ideal_frac=1.0, seed=98765)
-    res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}, "ideal": held_ideal}
+    held_match = match_accuracy(bb, rel_format=cfg.relation_format)
+    res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}, "ideal": held_ideal, "match": held_match}
     with atomic_dir(Path(cfg.run_dir) / "warmup") as tmp:
         bb.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "warmup", cfg.warmup_steps, heldout=res), indent=2))
@@ -2137,7 +2192,9 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         print("[warmup] held-out caption token acc {token_acc:.3f} (shape {shape_acc:.2f}, color {color_acc:.2f}, "
               "size {size_acc:.2f}, position {position_acc:.2f})".format(**held)
               + f"; relation token acc {held_rel['token_acc']:.3f}; ideal (query -> target caption) token acc "
-              f"{held_ideal['token_acc']:.3f} (color {held_ideal['color_acc']:.2f}, shape {held_ideal['shape_acc']:.2f})")
+              f"{held_ideal['token_acc']:.3f} (color {held_ideal['color_acc']:.2f}, shape {held_ideal['shape_acc']:.2f})"
+              f"; match-or-differs (first relation word) correct on matches {held_match['on_match']:.2f}, "
+              f"on one-change negatives {held_match['on_differs']:.2f}")
     return res
 
 
@@ -2215,7 +2272,7 @@ def alignment_batch(theta: Reasoner, emb: Embedder, pairs: list, con_t: list, re
 
 
 @torch.no_grad()
-def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list) -> dict:
+def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list, rel_format: str = "sentence") -> dict:
     """Teacher-forced token accuracy of the ground-truth descriptions (from the scene graphs), read
     from compressed vs from full tokens. Needs scene graphs (our world)."""
     bb = theta.bb
@@ -2226,7 +2283,7 @@ def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list) -> dict:
         if target is None or cand is None:
             return {}
         con_t.append(bb.ids(caption(cand)) + [bb.tid("<eos>")])
-        rel_t.append(bb.ids(describe_relation(target, cand)) + [bb.tid("<eos>")])
+        rel_t.append(bb.ids(describe_relation(target, cand, rel_format)) + [bb.tid("<eos>")])
     out = {}
     for name, comp in (("compressed", True), ("full", False)):
         x, mask, labels = alignment_batch(theta, emb, pairs, con_t, rel_t, compressed=comp)
@@ -2286,7 +2343,7 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
     theta.icm.eval()
     val_pairs = align_pairs(load_split(cfg.data_root, "val", tasks), random.Random(cfg.seed + 22), 256)
     with autocast(dev, dt):
-        val = description_accuracy(theta, emb, val_pairs)
+        val = description_accuracy(theta, emb, val_pairs, cfg.relation_format)
     with atomic_dir(Path(cfg.run_dir) / "icm") as tmp:
         theta.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "icm", cfg.align_steps, val=val), indent=2))
@@ -2328,7 +2385,8 @@ def relation_kind(rel: str) -> str:
     return "swapped" if "swapped" in rel else "many"
 
 
-def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full") -> tuple[str, list[int]] | None:
+def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full",
+              rel_format: str = "sentence") -> tuple[str, list[int]] | None:
     """The teacher's four-phase trace for one query (1-based candidate indices), or None when the
     positive is not among the K candidates (no correct trace exists).
     mode "noinsp" (the w/o-inspection ablation) drops phase 3 and answers from the compressed view;
@@ -2348,7 +2406,7 @@ def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full
     elif len(keep) > 1:
         for k in keep:
             inspected.append(k)
-            parts.append(f"<insp_s> {k} <insp_e> {rels[k - 1]}")
+            parts.append(f"<insp_s> {k} <insp_e> {describe_relation(target, cand_scenes[k - 1], rel_format)}")
             if k in positives:
                 break
     answer = inspected[-1] if inspected else keep[0]
@@ -2471,7 +2529,7 @@ def build_sft_data(cfg: Config, items: list[RerankItem], teacher: dict | None = 
         if teacher and it.qid in teacher:
             tr, src = (teacher[it.qid], None), "teacher"
         elif it.target is not None and all(s is not None for s in it.scenes):
-            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode), "scene"
+            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode, cfg.relation_format), "scene"
         else:
             tr, src = format_only_trace(it.positives, cfg.K), "format_only"
         if tr is None:
@@ -2834,10 +2892,14 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
                                        "keep" list still holds the positive
         answered_inspected_positive    phase 3: of the queries where it inspected the positive, the
                                        share it then answered with it
+        match_on_positive / _negative  phase 3, per inspection: how often the words after the splice
+                                       begin "match" when the candidate is the positive / a negative
+                                       (equal rates = the verdict ignores what the splice shows)
         pick_share                     the share of answers that are phi's rank k (a rank prior shows
                                        up as one k taking most of the mass)"""
     by_qid = {it.qid: it for it in items}
     ideal, words, kept, answered = {}, {}, [], []
+    said_match: dict[bool, list] = {True: [], False: []}  # is the inspected candidate a positive? -> says match
     picks: dict[str, int] = {}
     for r in res:
         it, text = by_qid[r["qid"]], r["text"]
@@ -2855,11 +2917,15 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
             kept.append(any(str(p) in m.group(1).split() for p in r["positives"]))
         if any(k in r["positives"] for k in r.get("inspected", [])):
             answered.append(r["pick"] in r["positives"])
+        for k, seg in zip(r.get("inspected", []), text.split("<insp_e>")[1:]):
+            said_match[k in r["positives"]].append("match" in seg.split("<insp_s>")[0].split("</think>")[0].split())
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     return {"ideal_exact": {t: mean(v) for t, v in ideal.items()},
             "ideal_word_acc": {t: mean(v) for t, v in words.items()},
             "positive_kept": mean(kept), "n_with_keep": len(kept),
             "answered_inspected_positive": mean(answered), "n_inspected_positive": len(answered),
+            "match_on_positive": mean(said_match[True]), "match_on_negative": mean(said_match[False]),
+            "n_inspections": {"positive": len(said_match[True]), "negative": len(said_match[False])},
             "pick_share": {k: v / len(res) for k, v in sorted(picks.items())}}
 
 
@@ -2869,7 +2935,9 @@ def format_diagnostics(d: dict) -> str:
             + " | word acc: " + " ".join(f"{t}:{f(v)}" for t, v in d["ideal_word_acc"].items())
             + f"\nphase 2 positive kept {f(d['positive_kept'])} (of {d['n_with_keep']})"
             + f" | phase 3 answered the inspected positive {f(d['answered_inspected_positive'])}"
-            + f" (of {d['n_inspected_positive']}) | answers by phi rank: "
+            + f" (of {d['n_inspected_positive']}); says \"match\" after inspecting the positive "
+            + f"{f(d.get('match_on_positive'))}, a negative {f(d.get('match_on_negative'))}"
+            + f"\nanswers by phi rank: "
             + " ".join(f"{k}:{v:.2f}" for k, v in d["pick_share"].items()))
 
 

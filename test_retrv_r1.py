@@ -468,6 +468,63 @@ def test_warmup_ideal_sequences_label_the_target_caption_and_keep_the_default_st
     assert 0.15 < mix.count("ideal") / 400 < 0.35 and "caption" in mix and "relation" in mix
 
 
+def test_warmup_match_frac_sets_the_share_of_matching_relations_and_match_accuracy_reads_the_first_word(small):
+    cfg, theta, emb, _ = small
+    bb = theta.bb
+    first = lambda segs: [s for s in segs if s[0] == "ids" and s[2]][0][1][0]
+    for frac, lo, hi in ((0.0, 0.15, 0.35), (0.5, 0.4, 0.6), (1.0, 1.0, 1.0)):
+        rng = random.Random(11)
+        words = [first(R.warmup_example(bb, rng, "relation", 64, frac)[0]) for _ in range(300)]
+        assert set(words) <= {bb.tid("match"), bb.tid("differs")}
+        assert lo <= words.count(bb.tid("match")) / 300 <= hi
+    # the default (frac 0) draws exactly the stream it always drew: one choice over [pos] + negs
+    a, b = random.Random(4), random.Random(4)
+    R.warmup_example(bb, a, "relation", 64)
+    R.warmup_example(bb, b, "relation", 64, 0.0)
+    assert a.random() == b.random()
+    m = R.match_accuracy(bb, n=32, seed=1)
+    assert set(m) == {"on_match", "on_differs", "balanced"}
+    assert 0.0 <= m["on_match"] <= 1.0 and 0.0 <= m["on_differs"] <= 1.0
+    assert m["balanced"] == pytest.approx((m["on_match"] + m["on_differs"]) / 2)
+
+
+def test_object_check_names_each_changed_object_and_ends_in_the_verdict():
+    rng = random.Random(9)
+    for task in (0, 3, 4, 7):
+        g = R.make_group(task, rng, 15)
+        target = g["query"]["target"]
+        assert R.describe_relation(target, g["pos"]["scene"], "objects").endswith(" . match .")
+        assert "differs" not in R.object_check(target, target)
+        for n in g["negs"]:
+            kind = R.relation_kind(R.describe_relation(target, n["scene"]))
+            check = R.object_check(target, n["scene"])
+            assert check.endswith(" . differs .") and "match" not in check.split()
+            per_obj = check[: -len(" . differs .")].split(" , ")
+            assert len(per_obj) == len(n["scene"])  # one check per candidate object
+            changed = [c for c in per_obj if not c.endswith(" same")]
+            if kind in ("color", "size", "position", "shape"):
+                assert len(changed) == 1 and changed[0].endswith(" " + kind)
+            elif kind == "swapped":
+                assert len(changed) == 2 and all(c.endswith(" position") for c in changed)
+    with pytest.raises(R.RetrvError, match="relation-format"):
+        R.describe_relation(target, target, "prose")
+
+
+def test_cot_trace_with_object_checks_writes_them_after_each_inspection():
+    rng = random.Random(5)
+    g = R.make_group(4, rng, 15)
+    target = g["query"]["target"]
+    scenes = [n["scene"] for n in g["negs"][:7]] + [g["pos"]["scene"]]
+    a, ins_a = R.cot_trace(target, scenes, [8])
+    b, ins_b = R.cot_trace(target, scenes, [8], rel_format="objects")
+    assert ins_a == ins_b  # the same teacher decisions; only phase 3's words change
+    assert a.split("<insp_s>")[0] == b.split("<insp_s>")[0]
+    assert R.format_reward(b, 8) == 1.0
+    for k, seg in zip(ins_b, b.split("<insp_e>")[1:]):
+        said = seg.split("<insp_s>")[0].split("</think>")[0].strip()
+        assert said == R.object_check(target, scenes[k - 1])
+
+
 def test_attribute_probe_targets_and_loss():
     scene = [("circle", "red", "large", 0), ("star", "blue", "small", 4)]
     probe = R.AttributeProbe(n_img=4, D=8)
@@ -501,6 +558,10 @@ def test_trace_diagnostics_counts_each_phase():
     assert d["ideal_word_acc"]["0"] == pytest.approx((1 + (n - 1) / n + 1) / 3)
     assert d["positive_kept"] == 1.0 and d["n_with_keep"] == 2  # c has no positive: not counted
     assert d["answered_inspected_positive"] == 0.5 and d["n_inspected_positive"] == 2
+    # per inspection: a's candidate 1 (negative) got "x", a's 2 (positive) "match", b's 3 (positive) "x"
+    assert d["match_on_positive"] == 0.5 and d["match_on_negative"] == 0.0
+    assert d["n_inspections"] == {"positive": 2, "negative": 1}
+    assert "a negative 0.00" in R.format_diagnostics(d)
     assert d["pick_share"] == {"1": 1 / 3, "2": 1 / 3, "None": 1 / 3}
 
 
