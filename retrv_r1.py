@@ -152,7 +152,7 @@ class Config:
     warmup_batch: int = 64  # sequences per step
     warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences among the rest
     warmup_ideal_frac: float = 0.0  # share of "ideal" sequences (query -> caption of its target), drawn first
-    relation_format: str = "sentence"  # how relations are written (warm-up, alignment check, CoT phase 3): sentence | objects
+    relation_format: str = "sentence"  # how relations are written (warm-up, alignment check, CoT phase 3): sentence | objects | shows
     warmup_match_frac: float = 0.0  # > 0: share of relation sequences whose candidate IS the target (0: 1 in 4, drawn)
     warmup_probe: float = 0.0  # weight of the attribute-probe loss on the visual tokens (0 = off; warm-up only)
     # --- coarse retriever phi (section 5) ---------------------------------------------------
@@ -585,11 +585,15 @@ def describe_relation(target, cand, fmt: str = "sentence") -> str:
     sentence: 'match .' | 'differs : the circle has color blue not red .' | 'differs : the circle and
     the star are swapped .' | 'differs : many changes .'  Objects are matched exactly first; what is
     left over is the difference. The verdict comes first, in one word.
-    objects:  object_check -- one check per candidate object, then the verdict (see there)."""
+    objects:  object_check -- one check per candidate object, then the verdict (see there).
+    shows:    'shows : <caption of the candidate> <object check>' -- say what the candidate shows in
+              words first, so the check compares text with text (the ideal written before it)."""
     if fmt == "objects":
         return object_check(target, cand)
+    if fmt == "shows":
+        return f"shows : {caption(cand)} {object_check(target, cand)}"
     if fmt != "sentence":
-        raise RetrvError(f"--relation-format must be sentence or objects (got {fmt!r})")
+        raise RetrvError(f"--relation-format must be sentence, objects or shows (got {fmt!r})")
     t, c = [tuple(o) for o in target], [tuple(o) for o in cand]
     rest_t = [o for o in t if o not in c]
     rest_c = [o for o in c if o not in t]
@@ -2013,6 +2017,8 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
         segs.append(("img", len(imgs) - 1))
     if q["txt"]:
         segs.append(("ids", bb.ids(q["txt"]), False))
+    if kind == "relation" and rel_format == "shows":  # as in the CoT: the ideal first, then the candidate
+        segs += [("ids", bb.ids("ideal :"), False), ("ids", bb.ids(caption(q["target"])), True)]
     if kind == "ideal":
         segs.append(("ids", bb.ids("ideal :"), False))
         segs.append(("ids", bb.ids(caption(q["target"])) + [bb.tid("<eos>")], True))
@@ -2041,6 +2047,12 @@ def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size
     """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes)."""
     examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac), size, match_frac, rel_format)
                 for _ in range(n)]
+    rows, vis, scenes = warmup_rows(bb, examples, size)
+    return (*lm_batch(bb, rows), (vis, scenes))
+
+
+def warmup_rows(bb: Backbone, examples: list, size: int) -> tuple[list, torch.Tensor, list]:
+    """Render and embed the examples' images in one batch -> lm_batch rows, visual tokens, scenes."""
     imgs = [im for _, ims in examples for im in ims]
     pix = torch.stack([torch.from_numpy(np.asarray(render(sc, size, jitter=jit), dtype=np.uint8).copy()).permute(2, 0, 1)
                        for sc, jit in imgs])
@@ -2049,7 +2061,7 @@ def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size
     for segs, ims in examples:
         rows.append([("emb", vis[base + s[1]]) if s[0] == "img" else s for s in segs])
         base += len(ims)
-    return (*lm_batch(bb, rows), (vis, [sc for sc, _ in imgs]))
+    return rows, vis, [sc for sc, _ in imgs]
 
 
 class AttributeProbe(nn.Module):
@@ -2109,20 +2121,34 @@ def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: fl
 
 
 @torch.no_grad()
-def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: str = "sentence") -> dict:
+def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: str = "sentence",
+                   max_new: int = 0) -> dict:
     """The decision the inspection phase rests on: shown [T_q] "candidate :" [T_c] "relation :", does
-    the LM's verdict word ("match" or "differs": the first word of a sentence relation, the last of an
-    object check) come out right, teacher-forced? Held-out relation sequences, half of them matches;
-    accuracy on each half (a model that always says "differs" scores 0.0 / 1.0)."""
+    the relation the LM writes itself (greedy, not teacher-forced) contain the right verdict word?
+    Held-out relation sequences, half of them matches; accuracy on each half (a model that always
+    says "differs" scores 0.0 / 1.0). Greedy decoding matters: with teacher forcing, an object check's
+    verdict would just read the given checks."""
     bb.eval()
-    x, mask, labels, _ = warmup_batch(bb, random.Random(seed), n, 1.0, bb.image_size, match_frac=0.5,
-                                      rel_format=rel_format)
-    _, logits, _ = bb.lm(x, attention_mask=mask)
-    ids = torch.tensor([bb.tid("match"), bb.tid("differs")], device=labels.device)
-    first = torch.isin(labels, ids).float().argmax(-1)  # (B,) position of the verdict word
-    b = torch.arange(len(first), device=first.device)
-    says_match = logits[b, first - 1][:, ids].argmax(-1) == 0  # (B,)
-    is_match = labels[b, first] == ids[0]
+    max_new = max_new or (24 if rel_format == "sentence" else 72)
+    rng = random.Random(seed)
+    examples = [warmup_example(bb, rng, "relation", bb.image_size, 0.5, rel_format) for _ in range(n)]
+    rows, _, _ = warmup_rows(bb, examples, bb.image_size)
+    m_id, d_id, eos = bb.tid("match"), bb.tid("differs"), bb.tid("<eos>")
+    is_match = torch.tensor([m_id in row[-1][1] for row in rows])
+    x, mask = left_pad(assemble(bb, [row[:-1] for row in rows]))  # everything up to "relation :"
+    out = torch.full((n, max_new), eos, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    _, logits, cache = bb.lm(x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    for t in range(max_new):  # greedy, KV cache
+        tok = logits[:, -1].argmax(-1).cpu().masked_fill(done, eos)
+        out[:, t] = tok
+        done |= tok == eos
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        _, logits, cache = bb.lm(bb.embed_text(tok[:, None].to(bb.device)), attention_mask=mask,
+                                 position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
+    says_match = (out == m_id).any(-1) & ~(out == d_id).any(-1)
     bb.train()
     mean = lambda t: t.float().mean().item() if t.numel() else float("nan")
     return {"on_match": mean(says_match[is_match]), "on_differs": mean(~says_match[~is_match]),
@@ -2312,7 +2338,7 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
     for i in tqdm(range(0, len(pairs), 128), desc="self-alignment targets (frozen LM, full tokens)",
                   disable=not verbose):
         with autocast(dev, dt):
-            c, r = full_descriptions(theta, emb, pairs[i: i + 128])
+            c, r = full_descriptions(theta, emb, pairs[i: i + 128], max_new=40 if cfg.relation_format == "sentence" else 80)
         con_t += c
         rel_t += r
     opt = torch.optim.AdamW(theta.icm.parameters(), lr=cfg.align_lr, weight_decay=0.01)

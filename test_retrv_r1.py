@@ -506,8 +506,22 @@ def test_object_check_names_each_changed_object_and_ends_in_the_verdict():
                 assert len(changed) == 1 and changed[0].endswith(" " + kind)
             elif kind == "swapped":
                 assert len(changed) == 2 and all(c.endswith(" position") for c in changed)
+    n = g["negs"][0]["scene"]
+    assert R.describe_relation(target, n, "shows") == f"shows : {R.caption(n)} {R.object_check(target, n)}"
     with pytest.raises(R.RetrvError, match="relation-format"):
         R.describe_relation(target, target, "prose")
+
+
+def test_shows_relations_in_the_warmup_write_the_ideal_first(small):
+    cfg, theta, emb, _ = small
+    bb = theta.bb
+    for seed in range(6):
+        segs, imgs = R.warmup_example(bb, random.Random(seed), "relation", 64, 0.0, "shows")
+        texts = [bb.tok.decode(s[1]) for s in segs if s[0] == "ids"]
+        labelled = [bb.tok.decode(s[1]) for s in segs if s[0] == "ids" and s[2]]
+        assert texts.index("ideal :") < texts.index("candidate :") < texts.index("relation :")
+        assert len(labelled) == 2 and labelled[1].startswith("shows : a ")  # the ideal, then the relation
+        assert labelled[0] == texts[texts.index("ideal :") + 1]
 
 
 def test_cot_trace_with_object_checks_writes_them_after_each_inspection():
