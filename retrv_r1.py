@@ -53,7 +53,10 @@ Deviations from the paper
   tokens. This stands in for the knowledge of a pretrained VLM and is skipped for pretrained ones.
   Two optional extras, off by default because they did not help on val (README, "Experiments"):
   "ideal" sequences, query -> caption of its target (--warmup-ideal-frac), and an attribute probe
-  on the visual tokens (--warmup-probe).
+  on the visual tokens (--warmup-probe). Three more for the phase-3 verdict (match or differs),
+  which the tiny LM never learns from full tokens (README, "Diagnosis" 4): --warmup-match-frac
+  (more matching pairs), --relation-format objects (check every object, then the verdict) and
+  --relation-format shows (caption the candidate, then check it against the ideal).
 * Data: a synthetic world of coloured shapes on a 3x3 grid written in the M-BEIR layout (task
   ids 0, 3, 4, 7), with one-change hard negatives, instead of the 16 M-BEIR evaluations. The
   reader also accepts the real M-BEIR root. Scene graphs travel in the M-BEIR `src_content`
