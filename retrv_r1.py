@@ -2399,7 +2399,10 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
 #   4 answer      "</think> <answer> 1 </answer>"
 # With a single kept candidate the answer follows without inspection, so N_ins varies with how
 # many look-alikes phi put in the top-K. The relation sentences are exactly what the warmed-up LM
-# learned to say from full tokens, so phase 3 reads what the splice shows.
+# learned to say from full tokens, so phase 3 reads what the splice shows -- in principle: at the
+# tiny scale the warm-up never learns the verdict itself (match_accuracy: "differs" every time), so
+# theta's "match" after a splice is a coin flip (README, "Diagnosis" 4). --relation-format objects |
+# shows changes phase 3's words (and the warm-up's) to a per-object check, an experiment.
 
 CLEAR_KINDS = ("color", "size", "many")  # differences the teacher treats as visible when compressed
 
