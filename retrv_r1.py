@@ -2222,8 +2222,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
               "size {size_acc:.2f}, position {position_acc:.2f})".format(**held)
               + f"; relation token acc {held_rel['token_acc']:.3f}; ideal (query -> target caption) token acc "
               f"{held_ideal['token_acc']:.3f} (color {held_ideal['color_acc']:.2f}, shape {held_ideal['shape_acc']:.2f})"
-              f"; match-or-differs (first relation word) correct on matches {held_match['on_match']:.2f}, "
-              f"on one-change negatives {held_match['on_differs']:.2f}")
+              f"; verdict of a relation it writes itself (match_accuracy) right on matches {held_match['on_match']:.2f}, "
+              f"on negatives {held_match['on_differs']:.2f}")
     return res
 
 
