@@ -55,8 +55,9 @@ Deviations from the paper
   "ideal" sequences, query -> caption of its target (--warmup-ideal-frac), and an attribute probe
   on the visual tokens (--warmup-probe). Three more for the phase-3 verdict (match or differs),
   which the tiny LM never learns from full tokens (README, "Diagnosis" 4): --warmup-match-frac
-  (more matching pairs), --relation-format objects (check every object, then the verdict) and
-  --relation-format shows (caption the candidate, then check it against the ideal).
+  (more matching pairs), --relation-format objects (check every object, then the verdict),
+  --relation-format shows (caption the candidate, then check it against the ideal) and
+  --warmup-check-frac (the same check on words only, mixed into every batch).
 * Data: a synthetic world of coloured shapes on a 3x3 grid written in the M-BEIR layout (task
   ids 0, 3, 4, 7), with one-change hard negatives, instead of the 16 M-BEIR evaluations. The
   reader also accepts the real M-BEIR root. Scene graphs travel in the M-BEIR `src_content`
@@ -156,6 +157,7 @@ class Config:
     warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences among the rest
     warmup_ideal_frac: float = 0.0  # share of "ideal" sequences (query -> caption of its target), drawn first
     relation_format: str = "sentence"  # how relations are written (warm-up, alignment check, CoT phase 3): sentence | objects | shows
+    warmup_check_frac: float = 0.0  # share of text-only "check" sequences: ideal caption, candidate caption -> relation
     warmup_match_frac: float = 0.0  # > 0: share of relation sequences whose candidate IS the target (0: 1 in 4, drawn)
     warmup_probe: float = 0.0  # weight of the attribute-probe loss on the visual tokens (0 = off; warm-up only)
     # --- coarse retriever phi (section 5) ---------------------------------------------------
@@ -2009,6 +2011,12 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
     task = rng.choice([0, 3, 4, 7])
     g = make_group(task, rng, 3)
     q = g["query"]
+    if kind == "check":  # words only: "ideal :" caption(target) "candidate :" caption(cand) "relation :" -> relation
+        cand = rng.choice([g["pos"]] + g["negs"])["scene"]
+        return [("ids", bb.ids("ideal :"), False), ("ids", bb.ids(caption(q["target"])), False),
+                ("ids", bb.ids("candidate :"), False), ("ids", bb.ids(caption(cand)), False),
+                ("ids", bb.ids("relation :"), False),
+                ("ids", bb.ids(describe_relation(q["target"], cand, rel_format)) + [bb.tid("<eos>")], True)], []
     if match_frac > 0:
         cand = g["pos"] if rng.random() < match_frac else rng.choice(g["negs"])
     else:
@@ -2037,18 +2045,20 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
     return segs, imgs
 
 
-def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0) -> str:
-    """Draw a sequence kind: ideal with probability ideal_frac, else relation with probability
-    rel_frac, else caption. (With ideal_frac = 0 no extra random number is drawn.)"""
+def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, check_frac: float = 0.0) -> str:
+    """Draw a sequence kind: check with probability check_frac, ideal with probability ideal_frac, else
+    relation with probability rel_frac, else caption. (A zero share draws no extra random number.)"""
+    if check_frac > 0 and rng.random() < check_frac:
+        return "check"
     if ideal_frac > 0 and rng.random() < ideal_frac:
         return "ideal"
     return "relation" if rng.random() < rel_frac else "caption"
 
 
 def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
-                 match_frac: float = 0.0, rel_format: str = "sentence"):
+                 match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0):
     """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes)."""
-    examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac), size, match_frac, rel_format)
+    examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac, check_frac), size, match_frac, rel_format)
                 for _ in range(n)]
     rows, vis, scenes = warmup_rows(bb, examples, size)
     return (*lm_batch(bb, rows), (vis, scenes))
@@ -2057,9 +2067,11 @@ def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size
 def warmup_rows(bb: Backbone, examples: list, size: int) -> tuple[list, torch.Tensor, list]:
     """Render and embed the examples' images in one batch -> lm_batch rows, visual tokens, scenes."""
     imgs = [im for _, ims in examples for im in ims]
-    pix = torch.stack([torch.from_numpy(np.asarray(render(sc, size, jitter=jit), dtype=np.uint8).copy()).permute(2, 0, 1)
-                       for sc, jit in imgs])
-    vis = bb.embed_image(pix.to(bb.device))  # (N_img, n_img, D)
+    vis = None  # a batch of words only (check sequences) has no images
+    if imgs:
+        pix = torch.stack([torch.from_numpy(np.asarray(render(sc, size, jitter=jit), dtype=np.uint8).copy()).permute(2, 0, 1)
+                           for sc, jit in imgs])
+        vis = bb.embed_image(pix.to(bb.device))  # (N_img, n_img, D)
     rows, base = [], 0
     for segs, ims in examples:
         rows.append([("emb", vis[base + s[1]]) if s[0] == "img" else s for s in segs])
@@ -2189,7 +2201,7 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         with autocast(dev, dt):
             x, mask, labels, (vis, scenes) = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac,
                                                           cfg.image_size, cfg.warmup_ideal_frac, cfg.warmup_match_frac,
-                                                          cfg.relation_format)
+                                                          cfg.relation_format, cfg.warmup_check_frac)
             loss, pred, valid = lm_loss(bb, x, mask, labels)
             if probe is not None:
                 probe_loss, probe_shape = probe.loss(vis, scenes)

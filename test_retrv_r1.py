@@ -539,6 +539,22 @@ def test_cot_trace_with_object_checks_writes_them_after_each_inspection():
         assert said == R.object_check(target, scenes[k - 1])
 
 
+def test_check_sequences_are_words_only_and_end_in_the_relation(small):
+    cfg, theta, emb, _ = small
+    bb = theta.bb
+    for seed in range(6):
+        segs, imgs = R.warmup_example(bb, random.Random(seed), "check", 64, 0.0, "objects")
+        assert imgs == [] and all(s[0] == "ids" for s in segs)
+        assert [s[2] for s in segs] == [False] * 5 + [True]
+        texts = [bb.tok.decode(s[1]) for s in segs]
+        assert texts[0] == "ideal :" and texts[2] == "candidate :" and texts[4] == "relation :"
+        assert texts[5].replace(" <eos>", "").endswith(("match .", "differs ."))
+    x, mask, labels, (vis, scenes) = R.warmup_batch(bb, random.Random(1), 4, 0.5, 64, check_frac=1.0)
+    assert vis is None and scenes == [] and x.shape[0] == 4  # a batch of words only
+    mix = [R.warmup_kind(random.Random(i), 0.5, 0.0, 0.25) for i in range(400)]
+    assert 0.15 < mix.count("check") / 400 < 0.35
+
+
 def test_attribute_probe_targets_and_loss():
     scene = [("circle", "red", "large", 0), ("star", "blue", "small", 4)]
     probe = R.AttributeProbe(n_img=4, D=8)
