@@ -1625,6 +1625,11 @@ class Prompt:
         return torch.cat([self.open_full, self.full[k - 1], self.close_full])
 
 
+def bare_prompt(e: torch.Tensor) -> Prompt:
+    """A context (L, D) with no candidates to inspect: the sampler as a plain greedy/sampling LM."""
+    return Prompt(e, [], 0, e[:0], e[:0])
+
+
 def build_prompts(theta: Reasoner, emb: Embedder, queries: list[dict], cands: list[list[dict]]) -> list[Prompt]:
     """Queries and their K candidate items -> prompts (differentiable through the ICM)."""
     bb = theta.bb
@@ -1707,7 +1712,7 @@ def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def sample(theta: Reasoner, prompts: list[Prompt], max_new: int = 96, greedy: bool = False,
+def sample(theta: Reasoner | Backbone, prompts: list[Prompt], max_new: int = 96, greedy: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
            inspect: bool = True, return_logits: bool = False, forced: list[list[int]] | None = None,
            stop_ids: tuple | None = None) -> list[Rollout]:
@@ -1725,8 +1730,9 @@ def sample(theta: Reasoner, prompts: list[Prompt], max_new: int = 96, greedy: bo
     Log-probs are those of the untempered model (log_softmax(logits)); GRPO samples at T = 1, where
     they equal the sampling policy's. Returns one Rollout per prompt (and logits if asked: the
     next-token logits of every step, for tests). `forced` teacher-forces token lists through the
-    sampler (inspections still splice): tests, demos and the trace viewer of notebook 02 use it."""
-    bb = theta.bb
+    sampler (inspections still splice): tests, demos and the trace viewer of notebook 02 use it.
+    theta may be a bare Backbone: the warm-up's checks sample from the LM before any ICM exists."""
+    bb = theta if isinstance(theta, Backbone) else theta.bb
     dev, B = bb.device, len(prompts)
     x, mask = left_pad([p.embeds for p in prompts])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -2148,22 +2154,11 @@ def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: st
     rng = random.Random(seed)
     examples = [warmup_example(bb, rng, "relation", bb.image_size, 0.5, rel_format) for _ in range(n)]
     rows, _, _ = warmup_rows(bb, examples, bb.image_size)
-    m_id, d_id, eos = bb.tid("match"), bb.tid("differs"), bb.tid("<eos>")
+    m_id, d_id = bb.tid("match"), bb.tid("differs")
     is_match = torch.tensor([m_id in row[-1][1] for row in rows])
-    x, mask = left_pad(assemble(bb, [row[:-1] for row in rows]))  # everything up to "relation :"
-    out = torch.full((n, max_new), eos, dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
-    _, logits, cache = bb.lm(x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    for t in range(max_new):  # greedy, KV cache
-        tok = logits[:, -1].argmax(-1).cpu().masked_fill(done, eos)
-        out[:, t] = tok
-        done |= tok == eos
-        if done.all():
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        _, logits, cache = bb.lm(bb.embed_text(tok[:, None].to(bb.device)), attention_mask=mask,
-                                 position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
-    says_match = (out == m_id).any(-1) & ~(out == d_id).any(-1)
+    ctx = assemble(bb, [row[:-1] for row in rows])  # everything up to "relation :"
+    outs = sample(bb, [bare_prompt(e) for e in ctx], max_new=max_new, greedy=True, inspect=False)
+    says_match = torch.tensor([m_id in r.ids and d_id not in r.ids for r in outs])
     bb.train()
     mean = lambda t: t.float().mean().item() if t.numel() else float("nan")
     return {"on_match": mean(says_match[is_match]), "on_differs": mean(~says_match[~is_match]),
@@ -2265,10 +2260,6 @@ def align_pairs(splits: list[TaskSplit], rng: random.Random, n: int) -> list[tup
         j = rng.choice(pool)
         out.append((query_item(ts, i), cand_item(ts, j), ts, i, j))
     return out
-
-
-def bare_prompt(e: torch.Tensor) -> Prompt:
-    return Prompt(e, [], 0, e[:0], e[:0])
 
 
 @torch.no_grad()
