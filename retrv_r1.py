@@ -2007,7 +2007,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match_frac: float = 0.0,
                    rel_format: str = "sentence") -> tuple[list, list]:
-    """One warm-up sequence (kind: caption | relation | ideal) as (segments, images); an image is
+    """One warm-up sequence (kind: caption | relation | ideal | check) as (segments, images); an image is
     (scene, jitter rng or None), rendered and embedded by warmup_batch. A relation's candidate is drawn
     from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac."""
     if kind == "caption":
@@ -2017,16 +2017,15 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
     task = rng.choice([0, 3, 4, 7])
     g = make_group(task, rng, 3)
     q = g["query"]
-    if kind == "check":  # words only: "ideal :" caption(target) "candidate :" caption(cand) "relation :" -> relation
-        cand = rng.choice([g["pos"]] + g["negs"])["scene"]
-        return [("ids", bb.ids("ideal :"), False), ("ids", bb.ids(caption(q["target"])), False),
-                ("ids", bb.ids("candidate :"), False), ("ids", bb.ids(caption(cand)), False),
-                ("ids", bb.ids("relation :"), False),
-                ("ids", bb.ids(describe_relation(q["target"], cand, rel_format)) + [bb.tid("<eos>")], True)], []
     if match_frac > 0:
         cand = g["pos"] if rng.random() < match_frac else rng.choice(g["negs"])
     else:
         cand = rng.choice([g["pos"]] + g["negs"])
+    if kind == "check":  # words only: "ideal :" caption(target) "candidate :" caption(cand) "relation :" -> relation
+        return [("ids", bb.ids("ideal :"), False), ("ids", bb.ids(caption(q["target"])), False),
+                ("ids", bb.ids("candidate :"), False), ("ids", bb.ids(caption(cand["scene"])), False),
+                ("ids", bb.ids("relation :"), False),
+                ("ids", bb.ids(describe_relation(q["target"], cand["scene"], rel_format)) + [bb.tid("<eos>")], True)], []
     segs, imgs = [], []
     if q["scene"] is not None:
         jit = random.Random(rng.randrange(2**31)) if q["jitter"] else None
@@ -2928,7 +2927,7 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
         answered_inspected_positive    phase 3: of the queries where it inspected the positive, the
                                        share it then answered with it
         match_on_positive / _negative  phase 3, per inspection: how often the words after the splice
-                                       begin "match" when the candidate is the positive / a negative
+                                       say "match" when the candidate is the positive / a negative
                                        (equal rates = the verdict ignores what the splice shows)
         pick_share                     the share of answers that are phi's rank k (a rank prior shows
                                        up as one k taking most of the mass)"""
@@ -2972,7 +2971,7 @@ def format_diagnostics(d: dict) -> str:
             + f" | phase 3 answered the inspected positive {f(d['answered_inspected_positive'])}"
             + f" (of {d['n_inspected_positive']}); says \"match\" after inspecting the positive "
             + f"{f(d.get('match_on_positive'))}, a negative {f(d.get('match_on_negative'))}"
-            + f"\nanswers by phi rank: "
+            + "\nanswers by phi rank: "
             + " ".join(f"{k}:{v:.2f}" for k, v in d["pick_share"].items()))
 
 
