@@ -1266,16 +1266,16 @@ class Embedder:
         txt_ids = [bb.ids(it["txt"])[: self.max_txt] if it.get("txt") else [] for it in items]
         flat = torch.tensor([t for ids in txt_ids for t in ids] or [0], device=bb.device)
         flat_emb = bb.embed_text(flat[None])[0]
-        off, vi = 0, 0
+        # unbind / split rather than vis[i] / flat_emb[a:b]: their backward is one stack / cat, while
+        # every index or slice would scatter into a zeros tensor of the whole batch (O(N^2) copies)
+        vis_rows = iter(vis.unbind(0)) if vis is not None else iter(())
+        txt_rows = iter(flat_emb.split([len(t) for t in txt_ids if t]) if any(txt_ids) else ())
         for i, it in enumerate(items):
             parts = []
             if it.get("img"):
-                parts.append(vis[vi])
-                vi += 1
-            n = len(txt_ids[i])
-            if n:
-                parts.append(flat_emb[off: off + n])
-                off += n
+                parts.append(next(vis_rows))
+            if txt_ids[i]:
+                parts.append(next(txt_rows))
             if not parts:
                 parts.append(bb.embed_text(torch.tensor([[bb.tid("<unk>")]], device=bb.device))[0])
             seqs.append(torch.cat(parts))
@@ -1284,11 +1284,13 @@ class Embedder:
 
 def pad_stack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """List of (L_i, D) -> (N, L_max, D) right-padded with zeros, and the mask (N, L_max)."""
+    # stack of padded rows, not `out[i, :L_i] = s` into a zeros tensor (nor pad_sequence, which does
+    # that inside): the backward of N slice assignments copies the whole (N, L_max, D) gradient N
+    # times -- it was 40% of a retriever step. F.pad's backward is one narrow per row.
     L = max(s.shape[0] for s in seqs)
-    out = seqs[0].new_zeros(len(seqs), L, seqs[0].shape[1])
+    out = torch.stack([F.pad(s, (0, 0, 0, L - s.shape[0])) for s in seqs])  # (N, L_max, D)
     mask = torch.zeros(len(seqs), L, dtype=torch.long, device=seqs[0].device)
     for i, s in enumerate(seqs):
-        out[i, : s.shape[0]] = s
         mask[i, : s.shape[0]] = 1
     return out, mask
 
@@ -1298,16 +1300,11 @@ def assemble(bb: Backbone, rows: list[list[tuple]]) -> list[torch.Tensor]:
     All token ids of the batch go through the embedding table in one call."""
     all_ids = [t for row in rows for seg in row if seg[0] == "ids" for t in seg[1]]
     flat = bb.embed_text(torch.tensor([all_ids or [0]], device=bb.device))[0]
-    out, off = [], 0
+    # one split, not a slice per segment: a slice's backward scatters into a zeros tensor of the whole batch
+    pieces = iter(flat[: len(all_ids)].split([len(seg[1]) for row in rows for seg in row if seg[0] == "ids"]))
+    out = []
     for row in rows:
-        parts = []
-        for seg in row:
-            if seg[0] == "emb":
-                parts.append(seg[1])
-            else:
-                parts.append(flat[off: off + len(seg[1])])
-                off += len(seg[1])
-        out.append(torch.cat(parts))
+        out.append(torch.cat([seg[1] if seg[0] == "emb" else next(pieces) for seg in row]))
     return out
 
 
@@ -1638,15 +1635,17 @@ def build_prompts(theta: Reasoner, emb: Embedder, queries: list[dict], cands: li
     T_q, q_mask = emb.tokens(queries)  # (B, Lq, D)
     flat = [c for cs in cands for c in cs]
     T_c, c_mask = emb.tokens(flat)  # (B*K, Lc, D)
-    full = [T_c[i, : int(c_mask[i].sum())] for i in range(len(flat))]
+    # rows via unbind, not T_c[i]: one stack in the backward instead of a batch-sized scatter per row
+    full = [t[:n] for t, n in zip(T_c.unbind(0), c_mask.sum(-1).tolist())]
     if theta.mode != "off":
         rep = torch.tensor([b for b in range(B) for _ in range(Ks[b])], device=bb.device)
         z = theta.icm(T_c, c_mask, T_q[rep], q_mask[rep])
         keep = {"both": ["t_con", "t_rel"], "con": ["t_con"], "rel": ["t_rel"]}[theta.mode]
-        comp = torch.stack([z[k] for k in keep], dim=1)  # (B*K, 1 or 2, D)
+        comp = torch.stack([z[k] for k in keep], dim=1).unbind(0)  # B*K x (1 or 2, D)
+    q_rows = [t[:n] for t, n in zip(T_q.unbind(0), q_mask.sum(-1).tolist())]
     rows, i = [], 0
     for b in range(B):
-        row = [("ids", bb.ids(INSTRUCTION)), ("emb", T_q[b, : int(q_mask[b].sum())]), ("ids", bb.ids("candidates :"))]
+        row = [("ids", bb.ids(INSTRUCTION)), ("emb", q_rows[b]), ("ids", bb.ids("candidates :"))]
         for k in range(1, Ks[b] + 1):
             row.append(("ids", bb.ids(str(k))))
             row.append(("emb", full[i] if theta.mode == "off" else comp[i]))
@@ -1711,6 +1710,28 @@ def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
+class cpu_gqa_kernel:
+    """While decoding on CPU, let torch's attention kernel read the shared K/V heads of grouped-query
+    attention itself (4 query heads share 2 K/V heads). Otherwise transformers' SDPA path, given an
+    attention mask, first copies every K/V head out to its query heads (repeat_kv): a copy of the
+    whole KV cache at every step, a third of a CPU rollout. The outputs are bit-identical for
+    decoding; only the sampler uses it (a training step's backward would round differently). Not on
+    CUDA, where a masked GQA call may fall back to the slow math kernel."""
+
+    KEY = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+    def __init__(self, dev: torch.device):
+        self.on = dev.type == "cpu" and self.KEY not in os.environ
+
+    def __enter__(self):
+        if self.on:
+            os.environ[self.KEY] = "1"
+
+    def __exit__(self, *exc):
+        if self.on:
+            os.environ.pop(self.KEY, None)
+
+
 @torch.no_grad()
 def sample(theta: Reasoner | Backbone, prompts: list[Prompt], max_new: int = 96, greedy: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
@@ -1733,6 +1754,13 @@ def sample(theta: Reasoner | Backbone, prompts: list[Prompt], max_new: int = 96,
     sampler (inspections still splice): tests, demos and the trace viewer of notebook 02 use it.
     theta may be a bare Backbone: the warm-up's checks sample from the LM before any ICM exists."""
     bb = theta if isinstance(theta, Backbone) else theta.bb
+    with cpu_gqa_kernel(bb.device):
+        return _sample(bb, prompts, max_new, greedy, temperature, top_p, seeds, inspect, return_logits, forced, stop_ids)
+
+
+def _sample(bb: Backbone, prompts: list[Prompt], max_new: int, greedy: bool, temperature: float, top_p: float,
+            seeds: list[int] | None, inspect: bool, return_logits: bool, forced: list[list[int]] | None,
+            stop_ids: tuple | None) -> list[Rollout]:
     dev, B = bb.device, len(prompts)
     x, mask = left_pad([p.embeds for p in prompts])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -1826,11 +1854,9 @@ def score(theta: Reasoner, prompts: list[Prompt], rollouts: list[Rollout]) -> tu
     Returns logp (N, T) and mask (N, T) (1 = a generated token; splices never appear here)."""
     bb = theta.bb
     ids_all = [torch.tensor(r.ids or [bb.tok.eos_token_id], device=bb.device) for r in rollouts]
-    tok_emb = bb.embed_text(torch.cat(ids_all)[None])[0]
-    seqs, where, off = [], [], 0
-    for p, r, ids in zip(prompts, rollouts, ids_all):
-        e = tok_emb[off: off + len(ids)]
-        off += len(ids)
+    tok_embs = bb.embed_text(torch.cat(ids_all)[None])[0].split([len(ids) for ids in ids_all])  # one cat in the backward
+    seqs, where = [], []
+    for p, r, ids, e in zip(prompts, rollouts, ids_all, tok_embs):
         spl = dict(r.splices)
         parts, L, pos = [p.embeds], p.embeds.shape[0], []
         start = 0
@@ -2078,8 +2104,9 @@ def warmup_rows(bb: Backbone, examples: list, size: int) -> tuple[list, torch.Te
                            for sc, jit in imgs])
         vis = bb.embed_image(pix.to(bb.device))  # (N_img, n_img, D)
     rows, base = [], 0
+    per_img = vis.unbind(0) if vis is not None else ()  # unbind: one stack in the backward, not N scatters
     for segs, ims in examples:
-        rows.append([("emb", vis[base + s[1]]) if s[0] == "img" else s for s in segs])
+        rows.append([("emb", per_img[base + s[1]]) if s[0] == "img" else s for s in segs])
         base += len(ims)
     return rows, vis, [sc for sc, _ in imgs]
 
