@@ -1710,28 +1710,6 @@ def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
-class cpu_gqa_kernel:
-    """While decoding on CPU, let torch's attention kernel read the shared K/V heads of grouped-query
-    attention itself (4 query heads share 2 K/V heads). Otherwise transformers' SDPA path, given an
-    attention mask, first copies every K/V head out to its query heads (repeat_kv): a copy of the
-    whole KV cache at every step, a third of a CPU rollout. The outputs are bit-identical for
-    decoding; only the sampler uses it (a training step's backward would round differently). Not on
-    CUDA, where a masked GQA call may fall back to the slow math kernel."""
-
-    KEY = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-    def __init__(self, dev: torch.device):
-        self.on = dev.type == "cpu" and self.KEY not in os.environ
-
-    def __enter__(self):
-        if self.on:
-            os.environ[self.KEY] = "1"
-
-    def __exit__(self, *exc):
-        if self.on:
-            os.environ.pop(self.KEY, None)
-
-
 @torch.no_grad()
 def sample(theta: Reasoner | Backbone, prompts: list[Prompt], max_new: int = 96, greedy: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, seeds: list[int] | None = None,
@@ -1754,13 +1732,6 @@ def sample(theta: Reasoner | Backbone, prompts: list[Prompt], max_new: int = 96,
     sampler (inspections still splice): tests, demos and the trace viewer of notebook 02 use it.
     theta may be a bare Backbone: the warm-up's checks sample from the LM before any ICM exists."""
     bb = theta if isinstance(theta, Backbone) else theta.bb
-    with cpu_gqa_kernel(bb.device):
-        return _sample(bb, prompts, max_new, greedy, temperature, top_p, seeds, inspect, return_logits, forced, stop_ids)
-
-
-def _sample(bb: Backbone, prompts: list[Prompt], max_new: int, greedy: bool, temperature: float, top_p: float,
-            seeds: list[int] | None, inspect: bool, return_logits: bool, forced: list[list[int]] | None,
-            stop_ids: tuple | None) -> list[Rollout]:
     dev, B = bb.device, len(prompts)
     x, mask = left_pad([p.embeds for p in prompts])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -2169,16 +2140,17 @@ def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: fl
 
 @torch.no_grad()
 def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: str = "sentence",
-                   max_new: int = 0) -> dict:
+                   max_new: int = 0, kind: str = "relation") -> dict:
     """The decision the inspection phase rests on: shown [T_q] "candidate :" [T_c] "relation :", does
     the relation the LM writes itself (greedy, not teacher-forced) contain the right verdict word?
     Held-out relation sequences, half of them matches; accuracy on each half (a model that always
     says "differs" scores 0.0 / 1.0). Greedy decoding matters: with teacher forcing, an object check's
-    verdict would just read the given checks."""
+    verdict would just read the given checks. kind="check": the same decision on words only
+    ("ideal :" caption "candidate :" caption "relation :")."""
     bb.eval()
     max_new = max_new or (24 if rel_format == "sentence" else 72)
     rng = random.Random(seed)
-    examples = [warmup_example(bb, rng, "relation", bb.image_size, 0.5, rel_format) for _ in range(n)]
+    examples = [warmup_example(bb, rng, kind, bb.image_size, 0.5, rel_format) for _ in range(n)]
     rows, _, _ = warmup_rows(bb, examples, bb.image_size)
     m_id, d_id = bb.tid("match"), bb.tid("differs")
     is_match = torch.tensor([m_id in row[-1][1] for row in rows])

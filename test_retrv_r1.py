@@ -486,6 +486,8 @@ def test_warmup_match_frac_sets_the_share_of_matching_relations_and_match_accura
     assert set(m) == {"on_match", "on_differs", "balanced"}
     assert 0.0 <= m["on_match"] <= 1.0 and 0.0 <= m["on_differs"] <= 1.0
     assert m["balanced"] == pytest.approx((m["on_match"] + m["on_differs"]) / 2)
+    mc = R.match_accuracy(bb, n=16, seed=1, kind="check")  # the same decision on words only
+    assert set(mc) == {"on_match", "on_differs", "balanced"} and 0.0 <= mc["balanced"] <= 1.0
 
 
 def test_object_check_names_each_changed_object_and_ends_in_the_verdict():
