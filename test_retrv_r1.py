@@ -514,6 +514,33 @@ def test_object_check_names_each_changed_object_and_ends_in_the_verdict():
         R.describe_relation(target, target, "prose")
 
 
+def test_aligned_check_puts_each_pair_next_to_its_comparison():
+    rng = random.Random(13)
+    words = set(R.build_tiny_tokenizer().get_vocab())
+    for task in (0, 3, 4, 7):
+        g = R.make_group(task, rng, 15)
+        target = g["query"]["target"]
+        ok = R.describe_relation(target, g["pos"]["scene"], "aligned")
+        assert ok.endswith(" . match .") and "different" not in ok.split() and set(ok.split()) <= words
+        for n in g["negs"]:
+            kind = R.relation_kind(R.describe_relation(target, n["scene"]))
+            check = R.aligned_check(target, n["scene"])
+            assert check.endswith(" . differs .") and "different" in check.split() and set(check.split()) <= words
+            objs = check[: -len(" . differs .")].split(" ; ")
+            assert len(objs) == len(n["scene"])  # one entry per candidate object
+            for o in objs:
+                shape, rest = o.split(" : ")
+                if rest == "none different":  # the ideal has no object of that shape
+                    assert shape not in {t[0] for t in target}
+                    continue
+                for pair in rest.split(" , "):  # "a b same" iff a == b (positions may be two words)
+                    *ab, verdict = pair.split()
+                    half = len(ab) // 2
+                    assert verdict == ("same" if ab[:half] == ab[half:] else "different")
+            if kind == "color":
+                assert check.count("different") == 1
+
+
 def test_shows_relations_in_the_warmup_write_the_ideal_first(small):
     cfg, theta, emb, _ = small
     bb = theta.bb
@@ -524,6 +551,9 @@ def test_shows_relations_in_the_warmup_write_the_ideal_first(small):
         assert texts.index("ideal :") < texts.index("candidate :") < texts.index("relation :")
         assert len(labelled) == 2 and labelled[1].startswith("shows : a ")  # the ideal, then the relation
         assert labelled[0] == texts[texts.index("ideal :") + 1]
+    segs, _ = R.warmup_example(bb, random.Random(0), "relation", 64, 0.0, "aligned")  # aligned: the ideal first too
+    texts = [bb.tok.decode(s[1]) for s in segs if s[0] == "ids"]
+    assert texts.index("ideal :") < texts.index("candidate :") < texts.index("relation :")
 
 
 def test_cot_trace_with_object_checks_writes_them_after_each_inspection():
