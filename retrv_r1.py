@@ -162,6 +162,7 @@ class Config:
     relation_format: str = "sentence"  # how relations are written (warm-up, alignment check, CoT phase 3): sentence | objects | shows | aligned
     warmup_check_frac: float = 0.0  # share of text-only "check" sequences: ideal caption, candidate caption -> relation
     warmup_match_frac: float = 0.0  # > 0: share of relation sequences whose candidate IS the target (0: 1 in 4, drawn)
+    warmup_scramble_frac: float = 0.0  # share of relation candidates replaced by the target with every colour, size and cell redrawn
     warmup_probe: float = 0.0  # weight of the attribute-probe loss on the visual tokens (0 = off; warm-up only)
     # --- coarse retriever phi (section 5) ---------------------------------------------------
     ret_steps: int = 400  # InfoNCE steps
@@ -665,6 +666,18 @@ def aligned_check(target, cand) -> str:
         pairs = [(o[1], t[1]), (o[2], t[2]), (CELLS[o[3]], CELLS[t[3]])]
         parts.append(f"{o[0]} : " + " , ".join(f"{a} {b} " + ("same" if a == b else "different") for a, b in pairs))
     return " ; ".join(parts) + (" . match ." if canon(target) == canon(cand) else " . differs .")
+
+
+def scramble(scene, rng: random.Random) -> list[Obj]:
+    """The same shapes with every colour, size and cell drawn afresh (never the scene itself).
+    Why (warm-up, --warmup-scramble-frac): in an aligned check of a one-change negative only one pair
+    in ten differs, so writing the ideal's value as a copy of the candidate's value just before it is
+    right 90% of the time -- and that is what SFT learned (README, "Diagnosis" 4). Here most pairs differ."""
+    while True:
+        cells = rng.sample(range(9), len(scene))
+        out = sorted((o[0], rng.choice(COLORS), rng.choice(SIZES), c) for o, c in zip(scene, cells))
+        if canon(out) != canon(scene):
+            return out
 
 
 def apply_edit(scene, rng: random.Random) -> tuple[list[Obj], str]:
@@ -2032,10 +2045,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match_frac: float = 0.0,
-                   rel_format: str = "sentence") -> tuple[list, list]:
+                   rel_format: str = "sentence", scramble_frac: float = 0.0) -> tuple[list, list]:
     """One warm-up sequence (kind: caption | relation | ideal | check) as (segments, images); an image is
     (scene, jitter rng or None), rendered and embedded by warmup_batch. A relation's candidate is drawn
-    from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac."""
+    from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac;
+    with probability scramble_frac it is then replaced by scramble(target) (see there)."""
     if kind == "caption":
         scene = random_scene(rng)
         return [("img", 0), ("ids", bb.ids("caption :"), False), ("ids", bb.ids(caption(scene)) + [bb.tid("<eos>")], True)], \
@@ -2047,6 +2061,8 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
         cand = g["pos"] if rng.random() < match_frac else rng.choice(g["negs"])
     else:
         cand = rng.choice([g["pos"]] + g["negs"])
+    if scramble_frac > 0 and kind in ("relation", "check") and rng.random() < scramble_frac:
+        cand = dict(cand, scene=scramble(q["target"], rng))
     if kind == "check":  # words only: "ideal :" caption(target) "candidate :" caption(cand) "relation :" -> relation
         return [("ids", bb.ids("ideal :"), False), ("ids", bb.ids(caption(q["target"])), False),
                 ("ids", bb.ids("candidate :"), False), ("ids", bb.ids(caption(cand["scene"])), False),
@@ -2087,10 +2103,10 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, ch
 
 
 def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
-                 match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0):
+                 match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0, scramble_frac: float = 0.0):
     """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes)."""
-    examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac, check_frac), size, match_frac, rel_format)
-                for _ in range(n)]
+    examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac, check_frac), size, match_frac, rel_format,
+                               scramble_frac) for _ in range(n)]
     rows, vis, scenes = warmup_rows(bb, examples, size)
     return (*lm_batch(bb, rows), (vis, scenes))
 
@@ -2223,7 +2239,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         with autocast(dev, dt):
             x, mask, labels, (vis, scenes) = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac,
                                                           cfg.image_size, cfg.warmup_ideal_frac, cfg.warmup_match_frac,
-                                                          cfg.relation_format, cfg.warmup_check_frac)
+                                                          cfg.relation_format, cfg.warmup_check_frac,
+                                                          cfg.warmup_scramble_frac)
             loss, pred, valid = lm_loss(bb, x, mask, labels)
             if probe is not None:
                 probe_loss, probe_shape = probe.loss(vis, scenes)
@@ -2988,7 +3005,74 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
             "answered_inspected_positive": mean(answered), "n_inspected_positive": len(answered),
             "match_on_positive": mean(said_match[True]), "match_on_negative": mean(said_match[False]),
             "n_inspections": {"positive": len(said_match[True]), "negative": len(said_match[False])},
-            "pick_share": {k: v / len(res) for k, v in sorted(picks.items())}}
+            "pick_share": {k: v / len(res) for k, v in sorted(picks.items())},
+            "aligned": aligned_diagnostics(items, res)}
+
+
+def parse_aligned_check(seg: str) -> dict | None:
+    """'cross : yellow cyan different , large large same , right right same ; star : none different . differs .'
+    -> {"objects": {shape: [(cand, ideal, word) x 3] or None (= "none")}, "verdict": "differs"}; None if malformed."""
+    body, _, tail = seg.strip().rpartition(" . ")
+    verdict = tail.strip(" .")
+    if verdict not in ("match", "differs") or not body:
+        return None
+    objects = {}
+    for part in body.split(" ; "):
+        shape, sep, rest = part.partition(" : ")
+        if not sep:
+            return None
+        if rest.strip() == "none different":
+            objects[shape.strip()] = None
+            continue
+        pairs = []
+        for i, p in enumerate(rest.split(" , ")):
+            ws = p.split()
+            if i < 2 and len(ws) == 3:
+                pairs.append((ws[0], ws[1], ws[2]))
+                continue
+            cut = next((j for j in range(1, len(ws) - 1) if " ".join(ws[:j]) in CELLS and " ".join(ws[j:-1]) in CELLS), None)
+            if i != 2 or cut is None:
+                return None
+            pairs.append((" ".join(ws[:cut]), " ".join(ws[cut:-1]), ws[-1]))
+        if len(pairs) != 3:
+            return None
+        objects[shape.strip()] = pairs
+    return {"objects": objects, "verdict": verdict}
+
+
+def aligned_diagnostics(items: list[RerankItem], res: list[dict]) -> dict | None:
+    """Phase 3 step by step for --relation-format aligned traces (None for other formats). After a
+    splice theta writes, per candidate object, "<candidate's value> <ideal's value> same|different".
+    Over the attributes where the inspected candidate and the target really differ:
+        read       the first word is the candidate's value (theta read the splice)
+        looked_up  the second word is the target's value (theta looked the ideal up)
+        copied     the second word repeats the first (the shortcut: every pair then says "same")
+    consistent: the same/different word agrees with the two words before it (all pairs)."""
+    by_qid = {it.qid: it for it in items}
+    read, looked, copied, consistent, parsed = [], [], [], [], []
+    for r in res:
+        it = by_qid[r["qid"]]
+        if it.target is None:
+            continue
+        target = {o[0]: (o[1], o[2], CELLS[o[3]]) for o in it.target}
+        for k, seg in zip(r.get("inspected", []), r["text"].split("<insp_e>")[1:]):
+            chk = parse_aligned_check(seg.split("<insp_s>")[0].split("</think>")[0])
+            parsed.append(chk is not None)
+            if chk is None:
+                continue
+            cand = {o[0]: (o[1], o[2], CELLS[o[3]]) for o in it.scenes[k - 1]}
+            for shape, pairs in chk["objects"].items():
+                for i, (a, b, word) in enumerate(pairs or []):
+                    consistent.append((word == "same") == (a == b))
+                    if shape in cand and shape in target and cand[shape][i] != target[shape][i]:
+                        read.append(a == cand[shape][i])
+                        looked.append(b == target[shape][i])
+                        copied.append(b == a)
+    if not any(parsed):
+        return None
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    return {"parsed": mean(parsed), "n_differing": len(read), "read": mean(read), "looked_up": mean(looked),
+            "copied": mean(copied), "consistent": mean(consistent)}
 
 
 def format_diagnostics(d: dict) -> str:
@@ -3000,7 +3084,12 @@ def format_diagnostics(d: dict) -> str:
             + f" (of {d['n_inspected_positive']}); says \"match\" after inspecting the positive "
             + f"{f(d.get('match_on_positive'))}, a negative {f(d.get('match_on_negative'))}"
             + "\nanswers by phi rank: "
-            + " ".join(f"{k}:{v:.2f}" for k, v in d["pick_share"].items()))
+            + " ".join(f"{k}:{v:.2f}" for k, v in d["pick_share"].items())
+            + ("" if not d.get("aligned") else
+               "\nphase 3 aligned checks, where candidate and target differ (of {n_differing} values): "
+               "candidate's value read {read}, ideal's value looked up {looked_up}, copied from the "
+               "candidate's {copied}; same/different agrees with its two words {consistent}".format(
+                   **{k: f(v) if k != "n_differing" else v for k, v in d["aligned"].items()})))
 
 
 def peak_mem_mb(dev: torch.device) -> float:

@@ -514,6 +514,36 @@ def test_object_check_names_each_changed_object_and_ends_in_the_verdict():
         R.describe_relation(target, target, "prose")
 
 
+def test_aligned_diagnostics_tell_reading_from_copying():
+    """Phase 3 step by step: a theta that reads the candidate but writes the ideal's value as a copy of
+    it must show read 1.0, looked_up 0.0, copied 1.0; the honest check shows looked_up 1.0."""
+    target = [("circle", "red", "large", 0), ("star", "blue", "small", 8)]
+    neg = [("circle", "green", "large", 0), ("star", "blue", "small", 8)]  # one colour differs
+    it = R.RerankItem(query={}, cands=[{}, {}], rows=[0, 1], positives=[2], target=target, scenes=[neg, target],
+                      task="t", qid="q")
+    honest = R.aligned_check(target, neg)
+    copying = honest.replace("green red different", "green green same").replace("differs .", "match .")
+    assert R.parse_aligned_check(honest)["objects"]["circle"][0] == ("green", "red", "different")
+    assert R.parse_aligned_check("no check here") is None
+    for text, looked, copied in ((honest, 1.0, 0.0), (copying, 0.0, 1.0)):
+        res = [dict(qid="q", task="t", text=f"<think> <insp_s> 1 <insp_e> {text} </think> <answer> 1 </answer>",
+                    inspected=[1], positives=[2], pick=1)]
+        d = R.aligned_diagnostics([it], res)
+        assert d["n_differing"] == 1 and d["read"] == 1.0 and d["consistent"] == 1.0
+        assert d["looked_up"] == looked and d["copied"] == copied
+    res[0]["text"] = "<think> <insp_s> 1 <insp_e> differs : the circle has color green not red . </think>"
+    assert R.aligned_diagnostics([it], res) is None  # not the aligned format
+
+
+def test_scramble_keeps_shapes_and_changes_the_scene():
+    rng = random.Random(5)
+    for _ in range(50):
+        s = R.random_scene(rng)
+        t = R.scramble(s, rng)
+        assert sorted(o[0] for o in t) == sorted(o[0] for o in s) and R.canon(t) != R.canon(s)
+        assert len({o[3] for o in t}) == len(t)  # one object per cell
+
+
 def test_aligned_check_puts_each_pair_next_to_its_comparison():
     rng = random.Random(13)
     words = set(R.build_tiny_tokenizer().get_vocab())
