@@ -206,7 +206,7 @@ class Config:
     grpo_agg: str = "token"  # token: mean over all tokens | seq: mean per sequence, then over sequences
     grpo_clip: float = 1.0  # gradient-norm clip
     grpo_pool: int = 256  # RL queries
-    grpo_pool_mode: str = "hard"  # hard: the SFT model's failures first | all: train distribution (online filter)
+    grpo_pool_mode: str = "hard"  # hard: the SFT model's failures first | all: train distribution (online filter) | balanced: phi rank 1 / 2 / 3+ in equal shares
     grpo_from: str = "sft"  # sft | icm (the w/o-SFT ablation: RL straight from the aligned model)
     fixed_lambda: float = -1.0  # >= 0: fixed lam instead of the curriculum (ablation: 0.5)
     # --- reranking / evaluation (section 13) ------------------------------------------------
@@ -2204,8 +2204,22 @@ def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: st
     says_match = torch.tensor([m_id in r.ids and d_id not in r.ids for r in outs])
     bb.train()
     mean = lambda t: t.float().mean().item() if t.numel() else float("nan")
-    return {"on_match": mean(says_match[is_match]), "on_differs": mean(~says_match[~is_match]),
-            "balanced": (mean(says_match[is_match]) + mean(~says_match[~is_match])) / 2}
+    out = {"on_match": mean(says_match[is_match]), "on_differs": mean(~says_match[~is_match]),
+           "balanced": (mean(says_match[is_match]) + mean(~says_match[~is_match])) / 2}
+    if rel_format == "aligned":  # step by step, against the reference check (see aligned_diagnostics)
+        eos = bb.tok.eos_token_id
+        steps: dict[str, list] = {"read": [], "looked_up": [], "copied": []}
+        for row, r in zip(rows, outs):
+            ref = parse_aligned_check(bb.tok.decode([t for t in row[-1][1] if t != eos]))
+            gen = parse_aligned_check(bb.tok.decode(r.ids[: r.ids.index(eos)] if eos in r.ids else r.ids))
+            for shape, pairs in (ref["objects"].items() if ref and gen else ()):
+                for (a, b, _), g in zip(pairs or [], gen["objects"].get(shape) or []):
+                    if a != b:  # candidate and ideal differ here
+                        steps["read"].append(g[0] == a)
+                        steps["looked_up"].append(g[1] == b)
+                        steps["copied"].append(g[1] == g[0])
+        out.update({k: sum(v) / len(v) if v else float("nan") for k, v in steps.items()})
+    return out
 
 
 def warmup(cfg: Config, verbose: bool = True) -> dict:
@@ -2274,7 +2288,10 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
               + f"; relation token acc {held_rel['token_acc']:.3f}; ideal (query -> target caption) token acc "
               f"{held_ideal['token_acc']:.3f} (color {held_ideal['color_acc']:.2f}, shape {held_ideal['shape_acc']:.2f})"
               f"; verdict of a relation it writes itself (match_accuracy) right on matches {held_match['on_match']:.2f}, "
-              f"on negatives {held_match['on_differs']:.2f}")
+              f"on negatives {held_match['on_differs']:.2f}"
+              + ("" if "copied" not in held_match else
+                 f"; where candidate and ideal differ: candidate's value read {held_match['read']:.2f}, ideal's "
+                 f"looked up {held_match['looked_up']:.2f}, copied from the candidate's {held_match['copied']:.2f}"))
     return res
 
 
@@ -2761,16 +2778,28 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
 def rl_queries(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem], verbose: bool) -> list[RerankItem]:
     """Train queries whose positive phi retrieved, up to grpo_pool of them. hard: ranked hardest first
     for the SFT model (those it gets wrong greedily, then those where phi's rank-1 is wrong); all: a
-    random sample of the train distribution."""
+    random sample of the train distribution; balanced: equal shares of queries whose positive is phi's
+    rank 1, rank 2 and rank 3 or lower, so that no fixed rank earns the reward. (Why: "hard" keeps the
+    SFT model's failures, i.e. the queries where the rank it favours is wrong, and GRPO then learns to
+    answer another fixed rank -- README, "the aligned configuration end to end".)"""
     cand = [it for it in items if it.positives]
     rng = random.Random(cfg.seed + 41)
     rng.shuffle(cand)
+    if cfg.grpo_pool_mode == "balanced":
+        buckets = [[it for it in cand if min(it.positives) == r] for r in (1, 2)]
+        buckets.append([it for it in cand if min(it.positives) >= 3])
+        n = min(cfg.grpo_pool // 3, *map(len, buckets))
+        chosen = [it for b in buckets for it in b[:n]]
+        rng.shuffle(chosen)
+        if verbose:
+            print(f"[grpo] RL pool: {len(chosen)} train queries, {n} each with the positive at phi's rank 1, 2 and 3+")
+        return chosen
     if cfg.grpo_pool_mode == "all":  # the train distribution; groups the model solves (or fails)
         if verbose:  # reliably have zero reward variance, so advantage 0: the filter happens online
             print(f"[grpo] RL pool: {min(len(cand), cfg.grpo_pool)} random train queries whose positive phi retrieved")
         return cand[: cfg.grpo_pool]
     if cfg.grpo_pool_mode != "hard":
-        raise RetrvError(f"--grpo-pool-mode must be hard or all (got {cfg.grpo_pool_mode!r})")
+        raise RetrvError(f"--grpo-pool-mode must be hard, all or balanced (got {cfg.grpo_pool_mode!r})")
     cand = cand[: cfg.grpo_pool * 2]
     res = rerank(cfg, theta, emb, cand, verbose=verbose, desc="choosing RL queries")
     wrong = [it for it, r in zip(cand, res) if r["pick"] not in it.positives]
