@@ -675,11 +675,57 @@ def aligned_check(target, cand) -> str:
     return " ; ".join(parts) + (" . match ." if canon(target) == canon(cand) else " . differs .")
 
 
+def parse_aligned_check(seg: str) -> dict | None:
+    """'cross : yellow cyan different , large large same , right right same ; star : none different . differs .'
+    -> {"objects": {shape: [(cand, ideal, word) x 3] or None (= "none")}, "verdict": "differs"}; None if malformed."""
+    body, _, tail = seg.strip().rpartition(" . ")
+    verdict = tail.strip(" .")
+    if verdict not in ("match", "differs") or not body:
+        return None
+    objects = {}
+    for part in body.split(" ; "):
+        shape, sep, rest = part.partition(" : ")
+        if not sep:
+            return None
+        if rest.strip() == "none different":
+            objects[shape.strip()] = None
+            continue
+        pairs = []
+        for i, p in enumerate(rest.split(" , ")):
+            ws = p.split()
+            if i < 2 and len(ws) == 3:
+                pairs.append((ws[0], ws[1], ws[2]))
+                continue
+            cut = next((j for j in range(1, len(ws) - 1) if " ".join(ws[:j]) in CELLS and " ".join(ws[j:-1]) in CELLS), None)
+            if i != 2 or cut is None:
+                return None
+            pairs.append((" ".join(ws[:cut]), " ".join(ws[cut:-1]), ws[-1]))
+        if len(pairs) != 3:
+            return None
+        objects[shape.strip()] = pairs
+    return {"objects": objects, "verdict": verdict}
+
+
+def check_steps(ref: dict, gen: dict) -> dict[str, list]:
+    """A written aligned check against the reference one (both from parse_aligned_check), over the
+    attributes where the candidate's and the ideal's values really differ: did it read the candidate's
+    value, look up the ideal's, or copy the word it had just written? (README, "Diagnosis")"""
+    out: dict[str, list] = {"read": [], "looked_up": [], "copied": []}
+    for shape, pairs in ref["objects"].items():
+        for (a, b, _), (ga, gb, _) in zip(pairs or [], gen["objects"].get(shape) or []):
+            if a != b:
+                out["read"].append(ga == a)
+                out["looked_up"].append(gb == b)
+                out["copied"].append(gb == ga)
+    return out
+
+
 def scramble(scene, rng: random.Random) -> list[Obj]:
     """The same shapes with every colour, size and cell drawn afresh (never the scene itself).
     Why (warm-up, --warmup-scramble-frac): in an aligned check of a one-change negative only one pair
-    in ten differs, so writing the ideal's value as a copy of the candidate's value just before it is
-    right 90% of the time -- and that is what SFT learned (README, "Diagnosis" 4). Here most pairs differ."""
+    in ten differs, and an inspected positive has none, so writing the ideal's value as a copy of the
+    candidate's value just before it is right on 99% of them in the SFT traces -- and that is what SFT
+    learned (check_steps; README, "the aligned configuration end to end"). Here most pairs differ."""
     while True:
         cells = rng.sample(range(9), len(scene))
         out = sorted((o[0], rng.choice(COLORS), rng.choice(SIZES), c) for o, c in zip(scene, cells))
@@ -2219,12 +2265,9 @@ def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: st
         for row, r in zip(rows, outs):
             ref = parse_aligned_check(bb.tok.decode([t for t in row[-1][1] if t != eos]))
             gen = parse_aligned_check(bb.tok.decode(r.ids[: r.ids.index(eos)] if eos in r.ids else r.ids))
-            for shape, pairs in (ref["objects"].items() if ref and gen else ()):
-                for (a, b, _), g in zip(pairs or [], gen["objects"].get(shape) or []):
-                    if a != b:  # candidate and ideal differ here
-                        steps["read"].append(g[0] == a)
-                        steps["looked_up"].append(g[1] == b)
-                        steps["copied"].append(g[1] == g[0])
+            if ref and gen:
+                for k, v in check_steps(ref, gen).items():
+                    steps[k] += v
         out.update({k: sum(v) / len(v) if v else float("nan") for k, v in steps.items()})
     return out
 
@@ -3045,37 +3088,6 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
             "aligned": aligned_diagnostics(items, res)}
 
 
-def parse_aligned_check(seg: str) -> dict | None:
-    """'cross : yellow cyan different , large large same , right right same ; star : none different . differs .'
-    -> {"objects": {shape: [(cand, ideal, word) x 3] or None (= "none")}, "verdict": "differs"}; None if malformed."""
-    body, _, tail = seg.strip().rpartition(" . ")
-    verdict = tail.strip(" .")
-    if verdict not in ("match", "differs") or not body:
-        return None
-    objects = {}
-    for part in body.split(" ; "):
-        shape, sep, rest = part.partition(" : ")
-        if not sep:
-            return None
-        if rest.strip() == "none different":
-            objects[shape.strip()] = None
-            continue
-        pairs = []
-        for i, p in enumerate(rest.split(" , ")):
-            ws = p.split()
-            if i < 2 and len(ws) == 3:
-                pairs.append((ws[0], ws[1], ws[2]))
-                continue
-            cut = next((j for j in range(1, len(ws) - 1) if " ".join(ws[:j]) in CELLS and " ".join(ws[j:-1]) in CELLS), None)
-            if i != 2 or cut is None:
-                return None
-            pairs.append((" ".join(ws[:cut]), " ".join(ws[cut:-1]), ws[-1]))
-        if len(pairs) != 3:
-            return None
-        objects[shape.strip()] = pairs
-    return {"objects": objects, "verdict": verdict}
-
-
 def aligned_diagnostics(items: list[RerankItem], res: list[dict]) -> dict | None:
     """Phase 3 step by step for --relation-format aligned traces (None for other formats). After a
     splice theta writes, per candidate object, "<candidate's value> <ideal's value> same|different".
@@ -3085,30 +3097,25 @@ def aligned_diagnostics(items: list[RerankItem], res: list[dict]) -> dict | None
         copied     the second word repeats the first (the shortcut: every pair then says "same")
     consistent: the same/different word agrees with the two words before it (all pairs)."""
     by_qid = {it.qid: it for it in items}
-    read, looked, copied, consistent, parsed = [], [], [], [], []
+    steps: dict[str, list] = {"read": [], "looked_up": [], "copied": []}
+    consistent, parsed = [], []
     for r in res:
         it = by_qid[r["qid"]]
         if it.target is None:
             continue
-        target = {o[0]: (o[1], o[2], CELLS[o[3]]) for o in it.target}
         for k, seg in zip(r.get("inspected", []), r["text"].split("<insp_e>")[1:]):
-            chk = parse_aligned_check(seg.split("<insp_s>")[0].split("</think>")[0])
-            parsed.append(chk is not None)
-            if chk is None:
+            gen = parse_aligned_check(seg.split("<insp_s>")[0].split("</think>")[0])
+            parsed.append(gen is not None)
+            if gen is None:
                 continue
-            cand = {o[0]: (o[1], o[2], CELLS[o[3]]) for o in it.scenes[k - 1]}
-            for shape, pairs in chk["objects"].items():
-                for i, (a, b, word) in enumerate(pairs or []):
-                    consistent.append((word == "same") == (a == b))
-                    if shape in cand and shape in target and cand[shape][i] != target[shape][i]:
-                        read.append(a == cand[shape][i])
-                        looked.append(b == target[shape][i])
-                        copied.append(b == a)
+            consistent += [(word == "same") == (a == b) for pairs in gen["objects"].values() for a, b, word in pairs or []]
+            for key, v in check_steps(parse_aligned_check(aligned_check(it.target, it.scenes[k - 1])), gen).items():
+                steps[key] += v
     if not any(parsed):
         return None
     mean = lambda xs: sum(xs) / len(xs) if xs else None
-    return {"parsed": mean(parsed), "n_differing": len(read), "read": mean(read), "looked_up": mean(looked),
-            "copied": mean(copied), "consistent": mean(consistent)}
+    return {"parsed": mean(parsed), "n_differing": len(steps["read"]), **{k: mean(v) for k, v in steps.items()},
+            "consistent": mean(consistent)}
 
 
 def format_diagnostics(d: dict) -> str:
