@@ -236,8 +236,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the default CPU run (numbers in README.md)
     "tiny": dict(),
     # the best phi and SFT measured on CPU, at about twice the default's time (README: "the aligned
-    # configuration end to end"): relations as aligned checks, a twice-as-long warm-up, longer traces
-    "aligned": dict(relation_format="aligned", warmup_steps=1200, max_new=256),
+    # configuration end to end"): relations as aligned checks, a twice-as-long warm-up, longer traces,
+    # an RL pool balanced over phi's ranks (the "hard" pool taught this SFT model to answer rank 2)
+    "aligned": dict(relation_format="aligned", warmup_steps=1200, max_new=256, grpo_pool_mode="balanced"),
     # pretrained SmolVLM on one GPU; images are resized to the checkpoint's tile size
     "smolvlm": dict(world="tiny", backbone="HuggingFaceTB/SmolVLM-256M-Instruct", warmup_steps=0,
                     ret_batch=32, ret_lr=1e-4, eval_batch=64),
