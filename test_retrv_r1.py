@@ -1377,3 +1377,18 @@ def test_runaway_trace_is_cut_at_max_new_and_is_a_format_error(small):
         assert len(o.ids) == 12 and not o.finished
         assert R.format_reward(o.text, 8) == 0.0 and R.parse_answer(o.text) is None
         assert R.trace_reward(o.text, o.N_ins, o.errors, [1], 8, 0.0)["reward"] == 0.0
+
+
+def test_rl_pool_balanced_takes_equal_shares_of_phi_ranks_and_bad_mode_is_clear():
+    """--grpo-pool-mode balanced: as many queries with the positive at phi's rank 1 as at rank 2 and at
+    rank 3 or lower (the hard pool inherits the SFT model's rank bias); queries phi missed never enter."""
+    mk = lambda i, pos: R.RerankItem(query={}, cands=[], rows=[], positives=pos, target=None, scenes=[], task="t",
+                                     qid=f"q{i}")
+    items = [mk(i, [1 + i % 5] if i % 7 else []) for i in range(70)]
+    cfg = R.make_config("smoke", grpo_pool_mode="balanced", grpo_pool=24)
+    pool = R.rl_queries(cfg, None, None, items, verbose=False)
+    ranks = [min(3, it.positives[0]) for it in pool]
+    assert len(pool) == 24 and all(ranks.count(r) == 8 for r in (1, 2, 3))
+    assert len({it.qid for it in pool}) == 24
+    with pytest.raises(R.RetrvError, match="hard, all or balanced"):
+        R.rl_queries(R.make_config("smoke", grpo_pool_mode="easy"), None, None, items, verbose=False)
