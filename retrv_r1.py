@@ -131,7 +131,7 @@ from tqdm.auto import tqdm
 @dataclass
 class Config:
     # --- run -----------------------------------------------------------------------------
-    preset: str = "tiny"  # smoke | tiny | aligned | smolvlm (named bundles of the fields below)
+    preset: str = "tiny"  # smoke | tiny | aligned | smolvlm | shape256m (named bundles of the fields below)
     seed: int = 0  # one seed for data, init, batching and sampling
     run_dir: str = ""  # checkpoints + metrics; "" -> runs/<preset>
     data_root: str = ""  # M-BEIR root (ours or the real one); "" -> data/<preset world>
@@ -221,6 +221,7 @@ class Config:
     rerank_batch: int = 32  # queries theta reranks at once
     qid: str = ""  # demo: which query
     bench_smoke: bool = True  # bench: also time `train --preset smoke` in a temp dir
+    bench_parts: str = "sampler,icm,steps"  # bench: which figures (sampler: throughput | icm: ICM vs full tokens | steps: SFT/GRPO step times)
     rows: str = ""  # ablate: comma list of rows ("" = all)
     log_every: int = 25  # steps between metric lines
     ckpt_every: int = 50  # mid-stage checkpoint every N optimiser steps (0 = only at the end)
@@ -242,12 +243,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # pretrained SmolVLM on one GPU; images are resized to the checkpoint's tile size
     "smolvlm": dict(world="tiny", backbone="HuggingFaceTB/SmolVLM-256M-Instruct", warmup_steps=0,
                     ret_batch=32, ret_lr=1e-4, eval_batch=64),
+    # for `bench` only: a random-initialised backbone with SmolVLM-256M's language model (SmolLM2-135M:
+    # 30 layers, width 576, 9 heads, 3 KV heads, MLP 1536) and its 64 visual tokens per image (64-px
+    # scenes, 4-px patches, pixel shuffle x2; the vision tower is smaller than SigLIP-base, but its
+    # cost is paid once per image in both modes). Speed does not depend on the weights' values, so
+    # this measures what the ICM saves at the scale of the `smolvlm` preset, offline, on a CPU.
+    "shape256m": dict(world="tiny", text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, text_mlp=1536,
+                      vision_hidden=768, vision_layers=12, patch_size=4, icm_heads=9, rerank_batch=4,
+                      bench_parts="icm", bench_smoke=False),
 }
 
 
 # fields that may change between a run and its resumption without changing what is computed
 _RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "split", "stage",
-                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "rows"}
+                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "rows"}
 
 
 class RetrvError(Exception):
@@ -1197,7 +1206,7 @@ def tiny_idefics3_config(cfg: Config, tok):
 
     return Idefics3Config(
         vision_config=dict(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 2,
-                           num_hidden_layers=cfg.vision_layers, num_attention_heads=4,
+                           num_hidden_layers=cfg.vision_layers, num_attention_heads=max(4, cfg.vision_hidden // 64),
                            image_size=cfg.image_size, patch_size=cfg.patch_size),
         text_config=dict(model_type="llama", hidden_size=cfg.text_hidden, intermediate_size=cfg.text_mlp,
                          num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
@@ -1831,8 +1840,8 @@ def sample(theta: Reasoner | Backbone, prompts: list[Prompt], max_new: int = 96,
     dev, B = bb.device, len(prompts)
     x, mask = left_pad([p.embeds for p in prompts])
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    _, logits, cache = bb.lm(x, attention_mask=mask, position_ids=pos, use_cache=True)
-    next_logits = logits[:, -1].float()  # (B, V)
+    h, _, cache = bb.lm(x, attention_mask=mask, position_ids=pos, use_cache=True, logits=False)
+    next_logits = bb.lm_head(h[:, -1]).float()  # (B, V): the head only where a token is predicted
     next_pos = mask.sum(-1)  # (B,) position of the next token
     gens = None if greedy else [torch.Generator(device="cpu").manual_seed(int(s)) for s in
                                 (seeds if seeds is not None else range(B))]
@@ -1889,9 +1898,9 @@ def sample(theta: Reasoner | Backbone, prompts: list[Prompt], max_new: int = 96,
                 m[b, 1: 1 + e.shape[0]] = 1
         mask = torch.cat([mask, m], 1)
         p = next_pos[:, None] + torch.arange(W, device=dev)[None]
-        _, logits, cache = bb.lm(xin, attention_mask=mask, position_ids=p, cache=cache, use_cache=True)
+        h, _, cache = bb.lm(xin, attention_mask=mask, position_ids=p, cache=cache, use_cache=True, logits=False)
         n_real = m.sum(-1)
-        next_logits = logits[torch.arange(B, device=dev), n_real - 1].float()
+        next_logits = bb.lm_head(h[torch.arange(B, device=dev), n_real - 1]).float()
         next_pos = next_pos + n_real
     think = [bb.tid("<think>")]  # the prompt's last token opens the trace: the text starts with it
     for r in outs:
@@ -3412,7 +3421,8 @@ def icm_cost(theta: Reasoner, emb: Embedder, items_for, dev, dt, Ks=(4, 8, 16, 3
                 with torch.no_grad(), autocast(dev, dt):
                     ps = build_prompts(theta, emb, [q for q, _ in qs], [c for _, c in qs])
                     x, m = left_pad([p.embeds for p in ps])  # (B, L, D), (B, L)
-                    theta.bb.lm(x, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
+                    h, _, _ = theta.bb.lm(x, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0), logits=False)
+                    theta.bb.lm_head(h[:, -1])  # the next-token logits, as a rerank needs them
                 out["context_tokens"][name][str(K)] = m.sum().item() / len(ps)  # the same every call
 
             def whole():
@@ -3433,6 +3443,9 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
 
     Uses the run's furthest theta (or an untrained tiny one if none: speed does not depend on
     training). Every figure is a median over repeats after one warm-up call."""
+    parts = {x.strip() for x in cfg.bench_parts.split(",") if x.strip()}
+    if not parts or parts - {"sampler", "icm", "steps"}:
+        raise RetrvError(f"--bench-parts must be a comma list of sampler, icm, steps (got {cfg.bench_parts!r})")
     dev, dt = pick_device(cfg, verbose)
     stage = next((s for s in ("grpo", "sft", "icm") if stage_done(cfg, s)), None)
     if stage:
@@ -3454,8 +3467,35 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
         return out
 
     res: dict[str, Any] = {"device": f"{dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU, %d threads' % torch.get_num_threads()})",
-                           "theta_stage": stage or "untrained"}
-    # 1. sampler throughput: batch of the GRPO size, greedy, no inspection, 64 new tokens
+                           "theta_stage": stage or "untrained", "preset": cfg.preset,
+                           "backbone": f"LM {theta.bb.model.config.text_config.num_hidden_layers} layers x {theta.bb.D}, "
+                                       f"{sum(p.numel() for p in theta.bb.text.parameters()) / 1e6:.1f}M params"}
+    if "sampler" in parts:
+        res.update(bench_sampler(cfg, theta, emb, items_for, dev, dt))
+    # 2. rerank latency and context tokens, ICM vs full tokens, as K grows (at eval's batch size)
+    if "icm" in parts:
+        res.update(icm_cost(theta, emb, items_for, dev, dt, n_queries=cfg.rerank_batch))
+    if "steps" in parts:
+        res.update(bench_steps(cfg, theta, emb, items_for, dev, dt))
+    # 4. wall time of `train --preset smoke` in a fresh run directory (a subprocess, like a user)
+    if cfg.bench_smoke:
+        with tempfile_dir() as d:
+            t0 = time.time()
+            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "train", "--preset", "smoke",
+                                 "--run-dir", str(Path(d) / "run"), "--device", cfg.device],
+                                capture_output=True, text=True)
+            res["smoke_train_s"] = time.time() - t0 if rc.returncode == 0 else None
+    else:
+        res["smoke_train_s"] = None
+    atomic_write_text(Path(cfg.run_dir) / "bench.json", json.dumps(res, indent=2))
+    if verbose:
+        print(format_bench(res))
+        print(f"[bench] wrote {Path(cfg.run_dir) / 'bench.json'}")
+    return res
+
+
+def bench_sampler(cfg: Config, theta: Reasoner, emb: Embedder, items_for, dev, dt) -> dict:
+    """1. Sampler throughput: a batch of the GRPO size, greedy, no inspection, 64 new tokens, three ways."""
     n_new = 64
     batch = items_for(max(1, cfg.grpo_batch * cfg.G // cfg.K), cfg.K)
     with torch.no_grad(), autocast(dev, dt):
@@ -3479,12 +3519,16 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
             return naive_generate(theta, prompts, n_new)
 
     t_ours, t_hf, t_naive = _median_time(ours, dev), _median_time(hf, dev), _median_time(naive, dev, reps=1)
-    res.update(sampler_tok_s=B * n_new / t_ours, generate_tok_s=B * n_new / t_hf, naive_tok_s=B * n_new / t_naive)
+    res = dict(sampler_tok_s=B * n_new / t_ours, generate_tok_s=B * n_new / t_hf, naive_tok_s=B * n_new / t_naive)
     res["sampler_vs_generate"] = res["sampler_tok_s"] / res["generate_tok_s"]
     res["sampler_vs_naive"] = res["sampler_tok_s"] / res["naive_tok_s"]
-    # 2. rerank latency and context tokens, ICM vs full tokens, as K grows (at eval's batch size)
-    res.update(icm_cost(theta, emb, items_for, dev, dt, n_queries=cfg.rerank_batch))
-    # 3. training step times (SFT step; GRPO rollout and update), on throw-away copies
+    return res
+
+
+def bench_steps(cfg: Config, theta: Reasoner, emb: Embedder, items_for, dev, dt) -> dict:
+    """3. Training step times (SFT step; GRPO rollout and update) and peak memory; theta's weights
+    are not changed (gradients are dropped, no optimiser step)."""
+    res = {}
     sft_batch = [(RerankItem(q, c, [], [1], None, [], "0", "bench"),
                   "<think> keep : 1 2 . <insp_s> 1 <insp_e> match . </think> <answer> 1 </answer>")
                  for q, c in items_for(cfg.sft_batch, cfg.K)]
@@ -3518,20 +3562,6 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
 
     res["grpo_update_s"] = _median_time(update, dev, reps=1)
     res["peak_mem_mb"] = peak_mem_mb(dev)
-    # 4. wall time of `train --preset smoke` in a fresh run directory (a subprocess, like a user)
-    if cfg.bench_smoke:
-        with tempfile_dir() as d:
-            t0 = time.time()
-            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "train", "--preset", "smoke",
-                                 "--run-dir", str(Path(d) / "run"), "--device", cfg.device],
-                                capture_output=True, text=True)
-            res["smoke_train_s"] = time.time() - t0 if rc.returncode == 0 else None
-    else:
-        res["smoke_train_s"] = None
-    atomic_write_text(Path(cfg.run_dir) / "bench.json", json.dumps(res, indent=2))
-    if verbose:
-        print(format_bench(res))
-        print(f"[bench] wrote {Path(cfg.run_dir) / 'bench.json'}")
     return res
 
 
@@ -3542,14 +3572,18 @@ def tempfile_dir():
 
 
 def format_bench(r: dict) -> str:
-    lines = [f"device: {r['device']}   theta: {r['theta_stage']}",
-             f"sampler {r['sampler_tok_s']:.0f} tok/s | transformers.generate {r['generate_tok_s']:.0f} tok/s | "
-             f"naive (no cache) {r['naive_tok_s']:.0f} tok/s  ->  {r['sampler_vs_generate']:.2f}x generate, "
-             f"{r['sampler_vs_naive']:.2f}x naive",
-             format_icm_cost(r)]
-    lines.append(f"SFT step {r['sft_step_s']:.2f} s | GRPO rollout {r['grpo_rollout_s']:.2f} s, update {r['grpo_update_s']:.2f} s"
-                 f" | peak memory {r['peak_mem_mb']:.0f} MB | train --preset smoke "
-                 + (f"{r['smoke_train_s']:.0f} s" if r.get("smoke_train_s") else "not measured"))
+    """The bench figures as text; parts that were not measured are left out."""
+    lines = [f"device: {r['device']}   theta: {r['theta_stage']}   {r.get('backbone', '')}"]
+    if "sampler_tok_s" in r:
+        lines.append(f"sampler {r['sampler_tok_s']:.0f} tok/s | transformers.generate {r['generate_tok_s']:.0f} tok/s | "
+                     f"naive (no cache) {r['naive_tok_s']:.0f} tok/s  ->  {r['sampler_vs_generate']:.2f}x generate, "
+                     f"{r['sampler_vs_naive']:.2f}x naive")
+    if "icm_speedup" in r:
+        lines.append(format_icm_cost(r))
+    if "sft_step_s" in r:
+        lines.append(f"SFT step {r['sft_step_s']:.2f} s | GRPO rollout {r['grpo_rollout_s']:.2f} s, update "
+                     f"{r['grpo_update_s']:.2f} s | peak memory {r['peak_mem_mb']:.0f} MB")
+    lines.append("train --preset smoke " + (f"{r['smoke_train_s']:.0f} s" if r.get("smoke_train_s") else "not measured"))
     return "\n".join(lines)
 
 

@@ -201,6 +201,32 @@ def test_icm_cost_counts_fewer_tokens_and_restores_the_mode(small, world):
     assert "read speed-up" in R.format_icm_cost(r)
 
 
+def test_shape256m_preset_has_smolvlm_256m_language_model_and_64_visual_tokens():
+    """The bench-only preset: SmolLM2-135M's shape and 64 tokens per image (config only, no weights)."""
+    cfg = R.make_config("shape256m")
+    c = R.tiny_idefics3_config(cfg, R.build_tiny_tokenizer())
+    t, v = c.text_config, c.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size) \
+        == (576, 30, 9, 3, 1536)
+    assert (v.image_size // v.patch_size) ** 2 // c.scale_factor ** 2 == 64
+    assert v.hidden_size % v.num_attention_heads == 0 and cfg.bench_parts == "icm"
+    assert R.make_config("tiny").bench_parts == "sampler,icm,steps"
+
+
+def test_bench_rejects_unknown_parts_before_any_work(tmp_path):
+    cfg = R.make_config("smoke", run_dir=str(tmp_path / "run"), bench_parts="icm,speed")
+    with pytest.raises(R.RetrvError, match="bench-parts"):
+        R.bench(cfg, verbose=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_format_bench_leaves_out_parts_not_measured():
+    r = {"device": "cpu", "theta_stage": "untrained", "smoke_train_s": None, "sampler_tok_s": 100.0,
+         "generate_tok_s": 50.0, "naive_tok_s": 10.0, "sampler_vs_generate": 2.0, "sampler_vs_naive": 10.0}
+    out = R.format_bench(r)
+    assert "2.00x generate" in out and "SFT step" not in out and "| K |" not in out
+
+
 def test_greedy_sampler_equals_transformers_generate(small):
     cfg, theta, emb, prompts = small
     bb = theta.bb
