@@ -149,6 +149,7 @@ class Config:
     n_test: int = 100  # test queries per task
     n_hard_neg: int = 15  # one-change hard negatives per target, all in the local pool
     image_size: int = 64  # rendered scene side in pixels
+    caption_order: str = "attr"  # how scenes are written: attr 'a large red circle top left' | shape 'circle red large top left'
     # --- backbone (section 4) -------------------------------------------------------------
     backbone: str = "tiny"  # "tiny" (random init, offline) or an Idefics3/SmolVLM dir / hub id
     vision_hidden: int = 128  # tiny: SigLIP-style vision width
@@ -295,8 +296,10 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
     cfg = Config(preset=preset, **kw)
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{preset}"
-    if not cfg.data_root:
-        cfg.data_root = f"data/synthetic-{cfg.world}"
+    if cfg.caption_order not in CAPTION_ORDERS:
+        raise RetrvError(f"--caption-order must be one of {CAPTION_ORDERS} (got {cfg.caption_order!r})")
+    if not cfg.data_root:  # the words are part of the world: another caption order is another world
+        cfg.data_root = default_data_root(cfg)
     if cfg.K < 1:
         raise RetrvError(f"--K must be >= 1 (got {cfg.K})")
     for f in fields(Config):
@@ -306,6 +309,11 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
         if f.name.endswith("_lr") and v <= 0:
             raise RetrvError(f"--{f.name.replace('_', '-')} must be > 0 (got {v})")
     return cfg
+
+
+def default_data_root(cfg: Config) -> str:
+    """data/synthetic-<world>; another caption order writes other words, so it is another world."""
+    return f"data/synthetic-{cfg.world}" + ("" if cfg.caption_order == "attr" else f"-{cfg.caption_order}")
 
 
 def config_from_args(argv: list[str] | None = None) -> tuple[str, Config]:
@@ -565,9 +573,26 @@ def canon(scene) -> tuple:
     return tuple(sorted(tuple(o) for o in scene))
 
 
+CAPTION_ORDERS = ("attr", "shape")
+_caption_order = ["attr"]  # the world's word order; set from the config by use_caption_order at every stage's start
+
+
+def use_caption_order(cfg: Config) -> None:
+    """Make caption() write scenes in cfg.caption_order (a module-wide setting: the world's words)."""
+    _caption_order[0] = cfg.caption_order
+
+
 def caption(scene) -> str:
-    """'a large red circle top left , a small blue star center .' (objects in reading order)."""
+    """Objects in reading order, in the world's caption order (--caption-order):
+        attr:  'a large red circle top left , a small blue star center .'
+        shape: 'circle red large top left , star blue small center .'
+    Why "shape": in an aligned check (phase 3) the ideal's colour of the cross must be looked up in
+    the ideal's caption. With shape first, the values follow the shape in the check's own order
+    (colour, size, cell), so the lookup is "find the shape, read on" -- the copy pattern small LMs
+    learn first. Words only, a fresh tiny LM learns the check faster this way (README, "Diagnosis")."""
     objs = sorted(scene, key=lambda o: o[3])
+    if _caption_order[0] == "shape":
+        return " , ".join(f"{o[0]} {o[1]} {o[2]} {CELLS[o[3]]}" for o in objs) + " ."
     return " , ".join(f"a {o[2]} {o[1]} {o[0]} {CELLS[o[3]]}" for o in objs) + " ."
 
 
@@ -831,7 +856,10 @@ def scene_json(scene) -> str:
 
 def world_signature(cfg: Config) -> dict:
     keys = ["seed", "tasks", "n_train", "n_val", "n_test", "n_hard_neg", "image_size"]
-    return {k: getattr(cfg, k) for k in keys}
+    sig = {k: getattr(cfg, k) for k in keys}
+    if cfg.caption_order != "attr":  # worlds written before the option existed stay valid
+        sig["caption_order"] = cfg.caption_order
+    return sig
 
 
 def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = True) -> Path:
@@ -841,6 +869,7 @@ def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = 
     (one local pool per task and split, named like MSCOCO's test pools), qrels/{split}/..., mbeir_images/...,
     instructions/query_instructions.tsv, and world.json (the parameters it was generated from)."""
     root = Path(root or cfg.data_root)
+    use_caption_order(cfg)
     tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tasks = parse_tasks(cfg.tasks)
@@ -936,6 +965,8 @@ def ensure_world(cfg: Config, verbose: bool = True) -> Path:
         have = json.loads(sig.read_text())
         want = world_signature(cfg)
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if have.get("caption_order", "attr") != cfg.caption_order:  # absent = the original order
+            diff["caption_order"] = (have.get("caption_order", "attr"), cfg.caption_order)
         if diff:
             raise RetrvError(f"{sig} was generated with other parameters {diff} (have, want); "
                              f"delete {root} or pass --data-root")
@@ -1525,6 +1556,7 @@ def theta_train_items(cfg: Config, items: list) -> list:
 
 def train_retriever(cfg: Config, verbose: bool = True) -> dict:
     """Stage: InfoNCE on the train split, starting from the warmed-up (or pretrained) backbone."""
+    use_caption_order(cfg)
     dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed + 1)
     bb = base_backbone(cfg).to(dev)
@@ -2290,6 +2322,7 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         if verbose:
             print("[warmup] pretrained backbone: skipped (it already knows how to see)")
         return {}
+    use_caption_order(cfg)
     dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed)
     bb = new_tiny_backbone(cfg).to(dev)
@@ -2452,6 +2485,7 @@ def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list, rel_format
 
 def align_icm(cfg: Config, verbose: bool = True) -> dict:
     """Stage 1: train only the ICM so the frozen LM says from 2 tokens what it says from all of them."""
+    use_caption_order(cfg)
     dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed + 2)
     theta = Reasoner(base_backbone(cfg), cfg).to(dev)
@@ -2776,6 +2810,7 @@ def save_theta(cfg: Config, theta: Reasoner, stage: str, step: int, **extra) -> 
 
 def train_sft(cfg: Config, verbose: bool = True) -> dict:
     """Stage 2: SFT activation on the synthetic CoT (ICM + LM jointly, vision frozen)."""
+    use_caption_order(cfg)
     dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed + 3)
     if cfg.sft_from not in ("icm", "none"):
@@ -2876,6 +2911,7 @@ def rl_queries(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankIt
 
 def train_grpo(cfg: Config, verbose: bool = True) -> dict:
     """Stage 3: GRPO from the SFT model (or from the aligned ICM model: the w/o-SFT ablation)."""
+    use_caption_order(cfg)
     dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed + 4)
     theta = load_reasoner(cfg, cfg.grpo_from, dev)
@@ -3173,6 +3209,7 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
     stage = stage or cfg.stage or furthest_stage(cfg)
     if stage not in ("coarse", "sft", "grpo", "icm"):
         raise RetrvError(f"--stage must be coarse, icm, sft or grpo (got {stage!r})")
+    use_caption_order(cfg)
     dev, dt = pick_device(cfg, verbose)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -3222,6 +3259,7 @@ def demo(cfg: Config, verbose: bool = True) -> dict:
     stage = cfg.stage or furthest_stage(cfg)
     if stage == "coarse":
         raise RetrvError(f"{cfg.run_dir} has no trained theta (sft/grpo); run `train` first")
+    use_caption_order(cfg)
     dev, dt = pick_device(cfg, verbose)
     items = rerank_items(cfg, cfg.split, verbose=False)
     it = next((x for x in items if x.qid == cfg.qid), None) if cfg.qid else items[0]
@@ -3448,6 +3486,7 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
     parts = {x.strip() for x in cfg.bench_parts.split(",") if x.strip()}
     if not parts or parts - {"sampler", "icm", "steps"}:
         raise RetrvError(f"--bench-parts must be a comma list of sampler, icm, steps (got {cfg.bench_parts!r})")
+    use_caption_order(cfg)
     dev, dt = pick_device(cfg, verbose)
     stage = next((s for s in ("grpo", "sft", "icm") if stage_done(cfg, s)), None)
     if stage:
@@ -3625,7 +3664,7 @@ def train(cfg: Config, verbose: bool = True) -> dict:
     bad = [s for s in stages if s not in ALL_STAGES]
     if bad:
         raise RetrvError(f"unknown stage(s) {bad}; available now: {ALL_STAGES}")
-    if _is_synthetic(cfg) or cfg.data_root == f"data/synthetic-{cfg.world}":
+    if _is_synthetic(cfg) or cfg.data_root == default_data_root(cfg):
         ensure_world(cfg, verbose)
     elif not Path(cfg.data_root).exists():
         raise RetrvError(f"--data-root {cfg.data_root} does not exist (only the default data/synthetic-<world> "

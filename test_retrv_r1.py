@@ -103,6 +103,29 @@ def test_world_texts_are_in_the_tiny_vocabulary():
     assert unk in tok("A photo of Barack Obama!", add_special_tokens=False)["input_ids"]
 
 
+def test_caption_order_shape_is_another_world(tmp_path):
+    """--caption-order shape writes 'circle red large top left': the same objects, shape first; it is
+    its own world (data root and signature), and every stage sets the order from its config."""
+    scene = [("star", "blue", "small", 4), ("circle", "red", "large", 0)]
+    attr, shape = R.make_config("smoke"), R.make_config("smoke", caption_order="shape", n_train=2, n_val=2,
+                                                        n_test=2, n_hard_neg=3)
+    assert attr.data_root != shape.data_root and "caption_order" not in R.world_signature(attr)
+    try:
+        R.use_caption_order(shape)
+        assert R.caption(scene) == "circle red large top left , star blue small center ."
+        root = R.generate_world(shape, tmp_path / "w", verbose=False)
+        ts = R.load_split(root, "test", [0])[0]
+        assert ts.queries[0]["query_txt"].split()[0] in R.SHAPES
+        with pytest.raises(R.RetrvError, match="other parameters"):
+            R.ensure_world(R.make_config("smoke", data_root=str(root), n_train=2, n_val=2, n_test=2, n_hard_neg=3),
+                           verbose=False)
+    finally:
+        R.use_caption_order(attr)
+    assert R.caption(scene) == "a large red circle top left , a small blue star center ."
+    with pytest.raises(R.RetrvError, match="caption-order"):
+        R.make_config("smoke", caption_order="colour")
+
+
 def test_reader_reads_our_world(world):
     cfg, root = world
     splits = R.load_split(root, "test")
