@@ -63,7 +63,9 @@ Deviations from the paper
   with images in the default 600-step warm-up, 0.66 in the 1200-step warm-up of the `aligned`
   preset), --warmup-check-frac (the same check on words only, mixed into every batch) and
   --warmup-scramble-frac (relation candidates with every attribute redrawn, against the copy
-  shortcut of phase 3: README, "the aligned configuration end to end").
+  shortcut of phase 3: README, "the aligned configuration end to end"), and --caption-order shape
+  (a world whose captions put the shape first, so that phase 3's lookup reads on from the shape:
+  faster on words only, no better with images -- README, "Shape-first captions").
 * Data: a synthetic world of coloured shapes on a 3x3 grid written in the M-BEIR layout (task
   ids 0, 3, 4, 7), with one-change hard negatives, instead of the 16 M-BEIR evaluations. The
   reader also accepts the real M-BEIR root. Scene graphs travel in the M-BEIR `src_content`
