@@ -592,7 +592,7 @@ def caption(scene) -> str:
     the ideal's caption. With shape first, the values follow the shape in the check's own order
     (colour, size, cell), so the lookup is "find the shape, read on" -- the copy pattern small LMs
     learn first. Measured: on words only a fresh tiny LM learns the check faster this way (lookup
-    0.73 vs 0.58 after 800 steps); with images, through warm-up and SFT, it does not help (README,
+    0.73 vs 0.58-0.68 after 800 steps); with images, through warm-up and SFT, it does not help (README,
     "Shape-first captions"). The default stays "attr"."""
     objs = sorted(scene, key=lambda o: o[3])
     if _caption_order[0] == "shape":
