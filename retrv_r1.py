@@ -576,12 +576,18 @@ def canon(scene) -> tuple:
 
 
 CAPTION_ORDERS = ("attr", "shape")
-_caption_order = ["attr"]  # the world's word order; set from the config by use_caption_order at every stage's start
+_caption_order = ["attr"]  # the world's word order; set from the config at every stage's start (enter_stage)
 
 
 def use_caption_order(cfg: Config) -> None:
     """Make caption() write scenes in cfg.caption_order (a module-wide setting: the world's words)."""
     _caption_order[0] = cfg.caption_order
+
+
+def enter_stage(cfg: Config, verbose: bool = True) -> tuple[torch.device, torch.dtype]:
+    """Every stage's first line: the world's caption order from cfg, then the device and dtype."""
+    use_caption_order(cfg)
+    return pick_device(cfg, verbose)
 
 
 def caption(scene) -> str:
@@ -859,11 +865,8 @@ def scene_json(scene) -> str:
 
 
 def world_signature(cfg: Config) -> dict:
-    keys = ["seed", "tasks", "n_train", "n_val", "n_test", "n_hard_neg", "image_size"]
-    sig = {k: getattr(cfg, k) for k in keys}
-    if cfg.caption_order != "attr":  # worlds written before the option existed stay valid
-        sig["caption_order"] = cfg.caption_order
-    return sig
+    keys = ["seed", "tasks", "n_train", "n_val", "n_test", "n_hard_neg", "image_size", "caption_order"]
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = True) -> Path:
@@ -968,9 +971,8 @@ def ensure_world(cfg: Config, verbose: bool = True) -> Path:
     if sig.exists():
         have = json.loads(sig.read_text())
         want = world_signature(cfg)
-        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-        if have.get("caption_order", "attr") != cfg.caption_order:  # absent = the original order
-            diff["caption_order"] = (have.get("caption_order", "attr"), cfg.caption_order)
+        default = {f.name: f.default for f in fields(Config)}  # a key an older world.json lacks had its default
+        diff = {k: (have.get(k, default[k]), v) for k, v in want.items() if have.get(k, default[k]) != v}
         if diff:
             raise RetrvError(f"{sig} was generated with other parameters {diff} (have, want); "
                              f"delete {root} or pass --data-root")
@@ -1560,8 +1562,7 @@ def theta_train_items(cfg: Config, items: list) -> list:
 
 def train_retriever(cfg: Config, verbose: bool = True) -> dict:
     """Stage: InfoNCE on the train split, starting from the warmed-up (or pretrained) backbone."""
-    use_caption_order(cfg)
-    dev, dt = pick_device(cfg, verbose)
+    dev, dt = enter_stage(cfg, verbose)
     seed_everything(cfg.seed + 1)
     bb = base_backbone(cfg).to(dev)
     ret = Retriever(bb, cfg.ret_dim).to(dev)
@@ -2326,8 +2327,7 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         if verbose:
             print("[warmup] pretrained backbone: skipped (it already knows how to see)")
         return {}
-    use_caption_order(cfg)
-    dev, dt = pick_device(cfg, verbose)
+    dev, dt = enter_stage(cfg, verbose)
     seed_everything(cfg.seed)
     bb = new_tiny_backbone(cfg).to(dev)
     if verbose:
@@ -2489,8 +2489,7 @@ def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list, rel_format
 
 def align_icm(cfg: Config, verbose: bool = True) -> dict:
     """Stage 1: train only the ICM so the frozen LM says from 2 tokens what it says from all of them."""
-    use_caption_order(cfg)
-    dev, dt = pick_device(cfg, verbose)
+    dev, dt = enter_stage(cfg, verbose)
     seed_everything(cfg.seed + 2)
     theta = Reasoner(base_backbone(cfg), cfg).to(dev)
     for p in theta.bb.parameters():  # frozen: LM, vision encoder, connector, embeddings
@@ -2814,8 +2813,7 @@ def save_theta(cfg: Config, theta: Reasoner, stage: str, step: int, **extra) -> 
 
 def train_sft(cfg: Config, verbose: bool = True) -> dict:
     """Stage 2: SFT activation on the synthetic CoT (ICM + LM jointly, vision frozen)."""
-    use_caption_order(cfg)
-    dev, dt = pick_device(cfg, verbose)
+    dev, dt = enter_stage(cfg, verbose)
     seed_everything(cfg.seed + 3)
     if cfg.sft_from not in ("icm", "none"):
         raise RetrvError(f"--sft-from must be icm or none (got {cfg.sft_from!r})")
@@ -2915,8 +2913,7 @@ def rl_queries(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankIt
 
 def train_grpo(cfg: Config, verbose: bool = True) -> dict:
     """Stage 3: GRPO from the SFT model (or from the aligned ICM model: the w/o-SFT ablation)."""
-    use_caption_order(cfg)
-    dev, dt = pick_device(cfg, verbose)
+    dev, dt = enter_stage(cfg, verbose)
     seed_everything(cfg.seed + 4)
     theta = load_reasoner(cfg, cfg.grpo_from, dev)
     ref = None
@@ -3213,8 +3210,7 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
     stage = stage or cfg.stage or furthest_stage(cfg)
     if stage not in ("coarse", "sft", "grpo", "icm"):
         raise RetrvError(f"--stage must be coarse, icm, sft or grpo (got {stage!r})")
-    use_caption_order(cfg)
-    dev, dt = pick_device(cfg, verbose)
+    dev, dt = enter_stage(cfg, verbose)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     ks = sorted({1, 5, 10, cfg.K})
@@ -3263,8 +3259,7 @@ def demo(cfg: Config, verbose: bool = True) -> dict:
     stage = cfg.stage or furthest_stage(cfg)
     if stage == "coarse":
         raise RetrvError(f"{cfg.run_dir} has no trained theta (sft/grpo); run `train` first")
-    use_caption_order(cfg)
-    dev, dt = pick_device(cfg, verbose)
+    dev, dt = enter_stage(cfg, verbose)
     items = rerank_items(cfg, cfg.split, verbose=False)
     it = next((x for x in items if x.qid == cfg.qid), None) if cfg.qid else items[0]
     if it is None:
@@ -3490,8 +3485,7 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
     parts = {x.strip() for x in cfg.bench_parts.split(",") if x.strip()}
     if not parts or parts - {"sampler", "icm", "steps"}:
         raise RetrvError(f"--bench-parts must be a comma list of sampler, icm, steps (got {cfg.bench_parts!r})")
-    use_caption_order(cfg)
-    dev, dt = pick_device(cfg, verbose)
+    dev, dt = enter_stage(cfg, verbose)
     stage = next((s for s in ("grpo", "sft", "icm") if stage_done(cfg, s)), None)
     if stage:
         theta = load_reasoner(cfg, stage, dev)

@@ -109,7 +109,13 @@ def test_caption_order_shape_is_another_world(tmp_path):
     scene = [("star", "blue", "small", 4), ("circle", "red", "large", 0)]
     attr, shape = R.make_config("smoke"), R.make_config("smoke", caption_order="shape", n_train=2, n_val=2,
                                                         n_test=2, n_hard_neg=3)
-    assert attr.data_root != shape.data_root and "caption_order" not in R.world_signature(attr)
+    assert attr.data_root != shape.data_root
+    old = tmp_path / "old"  # a world written before the option existed: no caption_order in world.json
+    old.mkdir()
+    sig = R.world_signature(attr)
+    del sig["caption_order"]
+    (old / "world.json").write_text(json.dumps(sig))
+    R.ensure_world(R.make_config("smoke", data_root=str(old)), verbose=False)  # accepted: absent = the default
     try:
         R.use_caption_order(shape)
         assert R.caption(scene) == "circle red large top left , star blue small center ."
