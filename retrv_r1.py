@@ -181,6 +181,7 @@ class Config:
     ret_tau: float = 0.05  # InfoNCE temperature
     ret_dim: int = 128  # embedding width after the projection
     ret_holdout: float = 0.0  # share of train queries phi never sees; SFT and GRPO then use only those
+    ret_folds: int = 0  # >= 2: theta trains on out-of-fold top-K (phi_f never saw fold f's queries); 0 = off
     # --- ICM (section 6) -------------------------------------------------------------------
     icm_mode: str = "both"  # both: [t_con, t_rel] | con: t_con only | rel: t_rel only | off: full T_c
     icm_heads: int = 4  # attention heads of ATT1, ATT2, ATT1'
@@ -1560,24 +1561,25 @@ def theta_train_items(cfg: Config, items: list) -> list:
     return [it for it in items if held_out(cfg, it.qid)] if cfg.ret_holdout > 0 else items
 
 
-def train_retriever(cfg: Config, verbose: bool = True) -> dict:
-    """Stage: InfoNCE on the train split, starting from the warmed-up (or pretrained) backbone."""
-    dev, dt = enter_stage(cfg, verbose)
+def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: bool = True) -> tuple[Retriever, "Partial"]:
+    """InfoNCE on the train queries for which keep(qid) holds, from the warmed-up (or pretrained)
+    backbone; mid-stage checkpoints under <run_dir>/<name>_partial. Returns phi (eval mode) and its
+    Partial, whose finish() the caller calls once phi's result is saved."""
+    dev, dt = pick_device(cfg, False)
     seed_everything(cfg.seed + 1)
     bb = base_backbone(cfg).to(dev)
     ret = Retriever(bb, cfg.ret_dim).to(dev)
     cache = ImageCache(bb.image_size)
     emb = Embedder(bb, cache)
     train = load_split(cfg.data_root, "train", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
-    pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i] and not held_out(cfg, ts.queries[i]["qid"])]
+    pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i] and keep(ts.queries[i]["qid"])]
     opt = torch.optim.AdamW(ret.parameters(), lr=cfg.ret_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.ret_steps, warmup=max(1, cfg.ret_steps // 20))
-    rng = random.Random(cfg.seed + 11)
-    ck = Partial(cfg, "retriever", ret, opt, sched, rng)
+    ck = Partial(cfg, name, ret, opt, sched, rng)
     start = ck.resume()
-    log = MetricLog(cfg.run_dir, "retriever", start)
-    bar = tqdm(range(start, cfg.ret_steps), initial=start, total=cfg.ret_steps, desc="retriever (InfoNCE)",
-               disable=not verbose)
+    log = MetricLog(cfg.run_dir, name, start)
+    bar = tqdm(range(start, cfg.ret_steps), initial=start, total=cfg.ret_steps,
+               desc="retriever (InfoNCE)" if name == "retriever" else f"{name} (InfoNCE)", disable=not verbose)
     ret.train()
     for step in bar:
         batch = rng.sample(pairs, min(cfg.ret_batch, len(pairs)))
@@ -1598,7 +1600,7 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(ret.parameters(), 1.0)
-        check_finite(loss, "retriever", step)
+        check_finite(loss, name, step)
         opt.step()
         sched.step()
         acc = (logits.argmax(-1) == target).float().mean().item()
@@ -1606,6 +1608,16 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
         if step % cfg.log_every == 0 or step == cfg.ret_steps - 1:
             log.log(step=step, loss=loss.item(), batch_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
         ck.step_done(step)
+    return ret.eval(), ck
+
+
+def train_retriever(cfg: Config, verbose: bool = True) -> dict:
+    """Stage: phi by InfoNCE on the train split (all of it, or what --ret-holdout leaves), then, with
+    --ret-folds F, the F cross-fitting retrievers that give theta honest top-K lists (fold_topk)."""
+    enter_stage(cfg, verbose)
+    if cfg.ret_holdout > 0 and cfg.ret_folds >= 2:
+        raise RetrvError("--ret-holdout and --ret-folds are two answers to one question; use one of them")
+    ret, ck = fit_retriever(cfg, "retriever", lambda qid: not held_out(cfg, qid), random.Random(cfg.seed + 11), verbose)
     val = coarse_recall(cfg, ret, "val", verbose=False)
     with atomic_dir(Path(cfg.run_dir) / "retriever") as tmp:
         ret.save(tmp)
@@ -1613,7 +1625,63 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
     ck.finish()
     if verbose:
         print(f"[retriever] val R@1 {val['avg']['R@1']:.3f}  R@{cfg.K} {val['avg'][f'R@{cfg.K}']:.3f}")
+    if cfg.ret_folds >= 2:
+        fold_topk(cfg, verbose)
     return val
+
+
+# Cross-fitting (--ret-folds F): phi is trained on the train queries, so on those queries its rank 1
+# is right about twice as often as on val/test (README, "Diagnosis", 2), and a theta trained on
+# phi's top-K of them learns rank statistics that test will not have. The standard remedy is
+# out-of-fold prediction: split the train queries into F folds by a hash of their qid; for each
+# fold f, train phi_f on the other F - 1 folds and rank fold f's queries with it. Every train query
+# then gets a top-K from a phi that never saw it -- the situation of a test query -- while theta
+# still trains on all of them, and the phi used at evaluation is still the one trained on all.
+
+
+def fold_of(cfg: Config, qid: str) -> int:
+    """Which of the cfg.ret_folds folds a train query is in: a fixed hash of (seed, qid)."""
+    return int(hashlib.sha1(f"{cfg.seed}:fold:{qid}".encode()).hexdigest()[:8], 16) % cfg.ret_folds
+
+
+def fold_topk(cfg: Config, verbose: bool = True) -> dict:
+    """Out-of-fold top-K of the train split: {split name: [ranked pool rows per query]}, as
+    rerank_items caches it. Fold f's retriever is trained (resumably) unless <run_dir>/retriever_fold<f>
+    already holds its ranking; only the rankings are kept, not the fold retrievers' weights."""
+    splits = load_split(cfg.data_root, "train", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
+    top: dict[str, list] = {ts.name: [None] * len(ts) for ts in splits}
+    for f in range(cfg.ret_folds):
+        d = Path(cfg.run_dir) / f"retriever_fold{f}"
+        if not (d / "state.json").exists():
+            name = f"retriever_fold{f}"
+            ret, ck = fit_retriever(cfg, name, lambda qid, f=f: fold_of(cfg, qid) != f,
+                                    random.Random(f"{cfg.seed}-{name}"), verbose)
+            ranks, cache = {}, ImageCache(ret.bb.image_size)
+            with torch.no_grad():
+                for ts in splits:
+                    check_K(cfg, ts)
+                    _, idx = coarse_rank(cfg, ret, ts, max(cfg.K, min(10, len(ts.pool))), cache)
+                    ranks[ts.name] = {i: idx[i].tolist() for i in range(len(ts)) if fold_of(cfg, ts.queries[i]["qid"]) == f}
+            with atomic_dir(d) as tmp:
+                (tmp / "topk.json").write_text(json.dumps(ranks))
+                (tmp / "state.json").write_text(json.dumps(stage_state(cfg, name, cfg.ret_steps)))
+            ck.finish()
+            if verbose:
+                print(f"[retriever] fold {f + 1}/{cfg.ret_folds}: phi_{f} ranked its "
+                      f"{sum(len(v) for v in ranks.values())} held-out train queries")
+        check_compatible(read_state(d)["config"], cfg, str(d), keys=SHAPE_FIELDS + ("seed", "ret_folds", "K"))
+        try:
+            ranks = json.loads((d / "topk.json").read_text())
+            for name, rows in ranks.items():
+                for i, ranked in rows.items():
+                    top[name][int(i)] = ranked
+        except (OSError, json.JSONDecodeError, KeyError, ValueError, IndexError) as e:
+            raise RetrvError(f"{d / 'topk.json'} is unreadable ({type(e).__name__}: {e}); delete {d} to redo it") from None
+    missing = [(n, i) for n, rows in top.items() for i, r in enumerate(rows) if r is None]
+    if missing:
+        raise RetrvError(f"cross-fitting left {len(missing)} train queries unranked (e.g. {missing[0]}); "
+                         f"delete {cfg.run_dir}/retriever_fold* to redo it")
+    return top
 
 
 def cosine_schedule(opt, total: int, warmup: int):
@@ -2669,10 +2737,13 @@ class RerankItem:
 
 @torch.no_grad()
 def rerank_items(cfg: Config, split: str, ret: Retriever | None = None, verbose: bool = True) -> list[RerankItem]:
-    """phi's top-K for every query of a split, cached in <run_dir>/topk_<split>.json."""
+    """phi's top-K for every query of a split, cached in <run_dir>/topk_<split>.json (the train split
+    with --ret-folds: the out-of-fold rankings of fold_topk instead)."""
     cache_f = Path(cfg.run_dir) / f"topk_{split}_K{cfg.K}.json"
     splits = load_split(cfg.data_root, split, parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
-    if cache_f.exists():
+    if split == "train" and cfg.ret_folds >= 2:  # cross-fitting: each query ranked by a phi that never saw it
+        top = fold_topk(cfg, verbose)
+    elif cache_f.exists():
         top = json.loads(cache_f.read_text())
     else:
         ret = ret or load_retriever(cfg).to(pick_device(cfg, False)[0])

@@ -1,4 +1,5 @@
 """Tests for retrv_r1.py: CPU only, fixed seeds, fast. Run: pytest -q test_retrv_r1.py"""
+import dataclasses
 import json
 import random
 import shutil
@@ -745,6 +746,33 @@ def test_ret_holdout_splits_train_queries_between_phi_and_theta():
     assert [it.qid for it in R.theta_train_items(cfg, items)] == [q for q in qids[:50] if R.held_out(cfg, q)]
     off = R.make_config("smoke")
     assert not any(R.held_out(off, q) for q in qids) and R.theta_train_items(off, items) == items
+
+
+def test_ret_folds_rank_every_train_query_with_a_phi_that_never_saw_it(world, tmp_path, monkeypatch):
+    cfg = _resume_cfg(world, tmp_path, ret_folds=2)
+    trained_on = {}  # retriever name -> the qids its InfoNCE pairs came from
+    fit = R.fit_retriever
+
+    def spy(cfg, name, keep, rng, verbose=True):
+        trained_on[name] = keep
+        return fit(cfg, name, keep, rng, verbose)
+
+    monkeypatch.setattr(R, "fit_retriever", spy)
+    R.train(cfg, verbose=False)
+    assert sorted(trained_on) == ["retriever", "retriever_fold0", "retriever_fold1"]
+    items = R.rerank_items(cfg, "train", verbose=False)
+    folds = [R.fold_of(cfg, it.qid) for it in items]
+    assert set(folds) == {0, 1}
+    for it, f in zip(items, folds):  # ranked by phi_f, which never trained on fold f; phi itself saw all
+        assert not trained_on[f"retriever_fold{f}"](it.qid) and trained_on[f"retriever_fold{1 - f}"](it.qid)
+        assert trained_on["retriever"](it.qid)
+        assert len(it.cands) == cfg.K
+    own = R.rerank_items(dataclasses.replace(cfg, ret_folds=0), "train", verbose=False)
+    assert [it.qid for it in own] == [it.qid for it in items]
+    assert any(a.rows != b.rows for a, b in zip(own, items))  # not phi's own top-K under another name
+    assert not list(tmp_path.glob("*_partial"))  # finished folds leave no partial checkpoints
+    with pytest.raises(R.RetrvError, match="--ret-holdout and --ret-folds"):
+        R.train_retriever(dataclasses.replace(cfg, ret_holdout=0.5), verbose=False)
 
 
 def test_sft_loss_counts_generated_tokens_only(small):
