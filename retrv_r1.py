@@ -1563,7 +1563,8 @@ def theta_train_items(cfg: Config, items: list) -> list:
     return [it for it in items if held_out(cfg, it.qid)] if cfg.ret_holdout > 0 else items
 
 
-def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: bool = True) -> tuple[Retriever, "Partial"]:
+@torch.enable_grad()  # fold_topk may call it lazily from inside rerank_items' no_grad
+def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: bool = True) -> tuple[Retriever, Partial]:
     """InfoNCE on the train queries for which keep(qid) holds, from the warmed-up (or pretrained)
     backbone; mid-stage checkpoints under <run_dir>/<name>_partial. Returns phi (eval mode) and its
     Partial, whose finish() the caller calls once phi's result is saved."""
@@ -1581,7 +1582,7 @@ def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: boo
     start = ck.resume()
     log = MetricLog(cfg.run_dir, name, start)
     bar = tqdm(range(start, cfg.ret_steps), initial=start, total=cfg.ret_steps,
-               desc="retriever (InfoNCE)" if name == "retriever" else f"{name} (InfoNCE)", disable=not verbose)
+               desc=f"{name} (InfoNCE)", disable=not verbose)
     ret.train()
     for step in bar:
         batch = rng.sample(pairs, min(cfg.ret_batch, len(pairs)))

@@ -771,6 +771,8 @@ def test_ret_folds_rank_every_train_query_with_a_phi_that_never_saw_it(world, tm
     assert [it.qid for it in own] == [it.qid for it in items]
     assert any(a.rows != b.rows for a, b in zip(own, items))  # not phi's own top-K under another name
     assert not list(tmp_path.glob("*_partial"))  # finished folds leave no partial checkpoints
+    shutil.rmtree(tmp_path / "retriever_fold1")  # a lost fold is redone on demand, to the same lists
+    assert [it.rows for it in R.rerank_items(cfg, "train", verbose=False)] == [it.rows for it in items]
     with pytest.raises(R.RetrvError, match="--ret-holdout and --ret-folds"):
         R.train_retriever(dataclasses.replace(cfg, ret_holdout=0.5), verbose=False)
 
