@@ -1659,12 +1659,10 @@ def fold_topk(cfg: Config, verbose: bool = True) -> dict:
             name = f"retriever_fold{f}"
             ret, ck = fit_retriever(cfg, name, lambda qid, f=f: fold_of(cfg, qid) != f,
                                     random.Random(f"{cfg.seed}-{name}"), verbose)
-            ranks, cache = {}, ImageCache(ret.bb.image_size)
             with torch.no_grad():
-                for ts in splits:
-                    check_K(cfg, ts)
-                    _, idx = coarse_rank(cfg, ret, ts, max(cfg.K, min(10, len(ts.pool))), cache)
-                    ranks[ts.name] = {i: idx[i].tolist() for i in range(len(ts)) if fold_of(cfg, ts.queries[i]["qid"]) == f}
+                ranked = phi_topk(cfg, ret, splits)
+            ranks = {ts.name: {i: ranked[ts.name][i] for i in range(len(ts)) if fold_of(cfg, ts.queries[i]["qid"]) == f}
+                     for ts in splits}  # fold f's queries only
             with atomic_dir(d) as tmp:
                 (tmp / "topk.json").write_text(json.dumps(ranks))
                 (tmp / "state.json").write_text(json.dumps(stage_state(cfg, name, cfg.ret_steps)))
@@ -1675,9 +1673,9 @@ def fold_topk(cfg: Config, verbose: bool = True) -> dict:
         check_compatible(read_state(d)["config"], cfg, str(d), keys=SHAPE_FIELDS + ("seed", "ret_folds", "K"))
         try:
             ranks = json.loads((d / "topk.json").read_text())
-            for name, rows in ranks.items():
+            for split_name, rows in ranks.items():
                 for i, ranked in rows.items():
-                    top[name][int(i)] = ranked
+                    top[split_name][int(i)] = ranked
         except (OSError, json.JSONDecodeError, KeyError, ValueError, IndexError) as e:
             raise RetrvError(f"{d / 'topk.json'} is unreadable ({type(e).__name__}: {e}); delete {d} to redo it") from None
     missing = [(n, i) for n, rows in top.items() for i, r in enumerate(rows) if r is None]
@@ -2750,11 +2748,7 @@ def rerank_items(cfg: Config, split: str, ret: Retriever | None = None, verbose:
         top = json.loads(cache_f.read_text())
     else:
         ret = ret or load_retriever(cfg).to(pick_device(cfg, False)[0])
-        top, cache = {}, ImageCache(ret.bb.image_size)
-        for ts in tqdm(splits, desc=f"phi top-{cfg.K} on {split}", disable=not verbose):
-            check_K(cfg, ts)
-            _, idx = coarse_rank(cfg, ret, ts, max(cfg.K, min(10, len(ts.pool))), cache)
-            top[ts.name] = idx.tolist()
+        top = phi_topk(cfg, ret, splits, desc=f"phi top-{cfg.K} on {split}", verbose=verbose)
         atomic_write_text(cache_f, json.dumps(top))
     items = []
     for ts in splits:
@@ -3093,6 +3087,17 @@ def coarse_rank(cfg: Config, ret: Retriever, ts: TaskSplit, depth: int, cache: I
     qs = ret.encode_all(emb, [query_item(ts, i) for i in range(len(ts))], cfg.eval_batch)  # (Q, d)
     cs = ret.encode_all(emb, [cand_item(ts, j) for j in range(len(ts.pool))], cfg.eval_batch)  # (N, d)
     return topk_search(qs, cs, depth)
+
+
+def phi_topk(cfg: Config, ret: Retriever, splits: list[TaskSplit], desc: str = "phi top-K",
+             verbose: bool = False) -> dict[str, list[list[int]]]:
+    """{split name: phi's ranked pool rows per query}, deep enough for theta's K and for R@10."""
+    top, cache = {}, ImageCache(ret.bb.image_size)
+    for ts in tqdm(splits, desc=desc, disable=not verbose):
+        check_K(cfg, ts)
+        _, idx = coarse_rank(cfg, ret, ts, max(cfg.K, min(10, len(ts.pool))), cache)  # (Q, depth)
+        top[ts.name] = idx.tolist()
+    return top
 
 
 def check_K(cfg: Config, ts: TaskSplit) -> None:
