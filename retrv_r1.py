@@ -1647,6 +1647,35 @@ def fold_of(cfg: Config, qid: str) -> int:
     return int(hashlib.sha1(f"{cfg.seed}:fold:{qid}".encode()).hexdigest()[:8], 16) % cfg.ret_folds
 
 
+FOLD_POOL = "test-sized chunks"  # recorded in retriever_fold*/state.json: how fold f's queries were ranked
+
+
+def test_sized_chunks(cfg: Config, splits: list[TaskSplit]) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """{split name: [(query rows, pool rows) per chunk]}: each train task cut into chunks whose pool
+    is the size of the task's test pool, so an out-of-fold query competes with as many candidates as
+    a test query does (our train pool holds 3x test's). A chunk's pool is the candidates its queries
+    list (positives + neg_cand_list); rows no query lists are dealt round-robin. Where no test pool of
+    the task is found (a real M-BEIR train split) the whole pool is one chunk."""
+    try:
+        test = {ts.name: len(ts.pool) for ts in load_split(cfg.data_root, "test", [s.task_id for s in splits])}
+    except (RetrvError, OSError):
+        test = {}
+    out = {}
+    for ts in splits:
+        t = test.get(ts.name.removesuffix("_train") + "_test")
+        n = max(1, min(len(ts), round(len(ts.pool) / t))) if t else 1
+        q_of = [i * n // len(ts) for i in range(len(ts))]  # contiguous blocks of queries
+        row_of = [-1] * len(ts.pool)
+        for i in range(len(ts)):
+            for j in ts.pos[i] + ts.neg[i]:
+                if row_of[j] < 0:
+                    row_of[j] = q_of[i]
+        row_of = [c if c >= 0 else j % n for j, c in enumerate(row_of)]
+        out[ts.name] = [([i for i in range(len(ts)) if q_of[i] == c], [j for j in range(len(ts.pool)) if row_of[j] == c])
+                        for c in range(n)]
+    return out
+
+
 def fold_topk(cfg: Config, verbose: bool = True) -> dict:
     """Out-of-fold top-K of the train split: {split name: [ranked pool rows per query]}, as
     rerank_items caches it. Fold f's retriever is trained (resumably) unless <run_dir>/retriever_fold<f>
@@ -1660,17 +1689,21 @@ def fold_topk(cfg: Config, verbose: bool = True) -> dict:
             ret, ck = fit_retriever(cfg, name, lambda qid, f=f: fold_of(cfg, qid) != f,
                                     random.Random(f"{cfg.seed}-{name}"), verbose)
             with torch.no_grad():
-                ranked = phi_topk(cfg, ret, splits)
+                ranked = phi_topk(cfg, ret, splits, chunks=test_sized_chunks(cfg, splits))
             ranks = {ts.name: {i: ranked[ts.name][i] for i in range(len(ts)) if fold_of(cfg, ts.queries[i]["qid"]) == f}
                      for ts in splits}  # fold f's queries only
             with atomic_dir(d) as tmp:
                 (tmp / "topk.json").write_text(json.dumps(ranks))
-                (tmp / "state.json").write_text(json.dumps(stage_state(cfg, name, cfg.ret_steps)))
+                (tmp / "state.json").write_text(json.dumps(stage_state(cfg, name, cfg.ret_steps, pool=FOLD_POOL)))
             ck.finish()
             if verbose:
                 print(f"[retriever] fold {f + 1}/{cfg.ret_folds}: phi_{f} ranked its "
                       f"{sum(len(v) for v in ranks.values())} held-out train queries")
-        check_compatible(read_state(d)["config"], cfg, str(d), keys=SHAPE_FIELDS + ("seed", "ret_folds", "K"))
+        st = read_state(d)
+        check_compatible(st["config"], cfg, str(d), keys=SHAPE_FIELDS + ("seed", "ret_folds", "K"))
+        if st.get("pool") != FOLD_POOL:
+            raise RetrvError(f"{d} was ranked in {st.get('pool', 'the whole train pool')!r}, not in {FOLD_POOL!r} "
+                             f"(an older version); delete {d} to redo it")
         try:
             ranks = json.loads((d / "topk.json").read_text())
             for split_name, rows in ranks.items():
@@ -3083,20 +3116,39 @@ def recall_at(ranked: list[list[int]], pos: list[list[int]], ks=(1, 5, 10)) -> d
 @torch.no_grad()
 def coarse_rank(cfg: Config, ret: Retriever, ts: TaskSplit, depth: int, cache: ImageCache | None = None):
     """phi's ranking of ts's pool for every query: (scores (Q, depth), pool rows (Q, depth))."""
+    return topk_search(*coarse_embed(cfg, ret, ts, cache), depth)
+
+
+def coarse_embed(cfg: Config, ret: Retriever, ts: TaskSplit, cache: ImageCache | None = None):
+    """phi's unit embeddings of ts's queries (Q, d) and of its pool (N, d)."""
     emb = Embedder(ret.bb, cache or ImageCache(ret.bb.image_size))
     qs = ret.encode_all(emb, [query_item(ts, i) for i in range(len(ts))], cfg.eval_batch)  # (Q, d)
     cs = ret.encode_all(emb, [cand_item(ts, j) for j in range(len(ts.pool))], cfg.eval_batch)  # (N, d)
-    return topk_search(qs, cs, depth)
+    return qs, cs
 
 
 def phi_topk(cfg: Config, ret: Retriever, splits: list[TaskSplit], desc: str = "phi top-K",
-             verbose: bool = False) -> dict[str, list[list[int]]]:
-    """{split name: phi's ranked pool rows per query}, deep enough for theta's K and for R@10."""
+             verbose: bool = False, chunks: dict | None = None) -> dict[str, list[list[int]]]:
+    """{split name: phi's ranked pool rows per query}, deep enough for theta's K and for R@10.
+    With `chunks` ({split name: [(query rows, pool rows)]}) each query is ranked in its chunk's pool."""
     top, cache = {}, ImageCache(ret.bb.image_size)
     for ts in tqdm(splits, desc=desc, disable=not verbose):
         check_K(cfg, ts)
-        _, idx = coarse_rank(cfg, ret, ts, max(cfg.K, min(10, len(ts.pool))), cache)  # (Q, depth)
-        top[ts.name] = idx.tolist()
+        if chunks is None:
+            _, idx = coarse_rank(cfg, ret, ts, max(cfg.K, min(10, len(ts.pool))), cache)  # (Q, depth)
+            top[ts.name] = idx.tolist()
+            continue
+        qs, cs = coarse_embed(cfg, ret, ts, cache)  # (Q, d), (N, d)
+        rows: list = [None] * len(ts)
+        for q_rows, p_rows in chunks[ts.name]:
+            if not q_rows:
+                continue
+            if cfg.K > len(p_rows):
+                raise RetrvError(f"K={cfg.K} is larger than a chunk of {ts.pool_file} ({len(p_rows)} candidates)")
+            _, idx = topk_search(qs[q_rows], cs[p_rows], max(cfg.K, min(10, len(p_rows))))  # (Q_c, depth)
+            for i, r in zip(q_rows, idx.tolist()):
+                rows[i] = [p_rows[j] for j in r]
+        top[ts.name] = rows
     return top
 
 

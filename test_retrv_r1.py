@@ -771,10 +771,39 @@ def test_ret_folds_rank_every_train_query_with_a_phi_that_never_saw_it(world, tm
     assert [it.qid for it in own] == [it.qid for it in items]
     assert any(a.rows != b.rows for a, b in zip(own, items))  # not phi's own top-K under another name
     assert not list(tmp_path.glob("*_partial"))  # finished folds leave no partial checkpoints
+    splits = R.load_split(cfg.data_root, "train", R.parse_tasks(cfg.tasks))
+    chunks, by_qid = R.test_sized_chunks(cfg, splits), {}
+    for ts in splits:
+        for q_rows, p_rows in chunks[ts.name]:
+            by_qid.update({ts.queries[i]["qid"]: set(p_rows) for i in q_rows})
+    assert all(set(it.rows) <= by_qid[it.qid] for it in items)  # ranked in its chunk's pool only
     shutil.rmtree(tmp_path / "retriever_fold1")  # a lost fold is redone on demand, to the same lists
     assert [it.rows for it in R.rerank_items(cfg, "train", verbose=False)] == [it.rows for it in items]
     with pytest.raises(R.RetrvError, match="--ret-holdout and --ret-folds"):
         R.train_retriever(dataclasses.replace(cfg, ret_holdout=0.5), verbose=False)
+    st = json.loads((tmp_path / "retriever_fold0" / "state.json").read_text())
+    del st["pool"]  # a fold ranked by an older version (in the whole train pool) is not reused silently
+    (tmp_path / "retriever_fold0" / "state.json").write_text(json.dumps(st))
+    with pytest.raises(R.RetrvError, match="whole train pool.*delete"):
+        R.rerank_items(cfg, "train", verbose=False)
+
+
+def test_sized_chunks_give_each_train_query_a_pool_the_size_of_test(world):
+    cfg, root = world
+    cfg = dataclasses.replace(cfg, data_root=str(root))
+    train = R.load_split(root, "train", R.parse_tasks(cfg.tasks))
+    test = {ts.task_id: len(ts.pool) for ts in R.load_split(root, "test", R.parse_tasks(cfg.tasks))}
+    chunks = R.test_sized_chunks(cfg, train)
+    for ts in train:
+        ch = chunks[ts.name]
+        assert len(ch) == round(len(ts.pool) / test[ts.task_id]) == 2  # 6 train queries, 4 test: 48 vs 32 rows
+        assert sorted(i for q, _ in ch for i in q) == list(range(len(ts)))  # queries partitioned
+        assert sorted(j for _, p in ch for j in p) == list(range(len(ts.pool)))  # pool partitioned
+        for q_rows, p_rows in ch:
+            assert all(j in p_rows for i in q_rows for j in ts.pos[i] + ts.neg[i])  # its own hard negatives stay
+            assert abs(len(p_rows) - test[ts.task_id]) <= test[ts.task_id] // 2
+    gone = dataclasses.replace(cfg, data_root=str(root / "nowhere"))  # no test split found: one chunk, the whole pool
+    assert all(len(v) == 1 and len(v[0][1]) == len(ts.pool) for ts, v in zip(train, R.test_sized_chunks(gone, train).values()))
 
 
 def test_sft_loss_counts_generated_tokens_only(small):
