@@ -90,7 +90,8 @@ Deviations from the paper
   phi was trained on, so their rank statistics are rosier than at test time (README, "Diagnosis").
   Three switches for experiments, all off by default: --ret-holdout f keeps a share f of the train
   queries away from phi for SFT/GRPO; --ret-folds F gives theta out-of-fold top-K lists instead
-  (cross-fitting: F extra phi trainings, each blind to one fold); --cand-order shuffle trains on
+  (cross-fitting: F extra phi trainings, each blind to one fold, each query ranked in a pool the
+  size of a test pool); --cand-order shuffle trains on
   shuffled candidate orders.
 * Scale: K = 8 (paper: 50), a few hundred optimiser steps per stage on CPU. The ICM's speed-up
   is measured at SmolVLM-256M's LM shape without downloading it (`bench --preset shape256m`,
@@ -1640,6 +1641,9 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
 # fold f, train phi_f on the other F - 1 folds and rank fold f's queries with it. Every train query
 # then gets a top-K from a phi that never saw it -- the situation of a test query -- while theta
 # still trains on all of them, and the phi used at evaluation is still the one trained on all.
+# One more difference from a test query remains: the pool. Our train pool is 3x a test pool (16
+# candidates per query in every split), so each train query is ranked in a chunk of it the size of
+# the task's test pool (test_sized_chunks): its own hard negatives plus those of its neighbours.
 
 
 def fold_of(cfg: Config, qid: str) -> int:
