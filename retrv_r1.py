@@ -3138,13 +3138,10 @@ def phi_topk(cfg: Config, ret: Retriever, splits: list[TaskSplit], desc: str = "
     top, cache = {}, ImageCache(ret.bb.image_size)
     for ts in tqdm(splits, desc=desc, disable=not verbose):
         check_K(cfg, ts)
-        if chunks is None:
-            _, idx = coarse_rank(cfg, ret, ts, max(cfg.K, min(10, len(ts.pool))), cache)  # (Q, depth)
-            top[ts.name] = idx.tolist()
-            continue
         qs, cs = coarse_embed(cfg, ret, ts, cache)  # (Q, d), (N, d)
         rows: list = [None] * len(ts)
-        for q_rows, p_rows in chunks[ts.name]:
+        whole = [(list(range(len(ts))), list(range(len(ts.pool))))]  # one chunk: every query, the whole pool
+        for q_rows, p_rows in (chunks[ts.name] if chunks else whole):
             if not q_rows:
                 continue
             if cfg.K > len(p_rows):
