@@ -91,8 +91,7 @@ Deviations from the paper
   Three switches for experiments, all off by default: --ret-holdout f keeps a share f of the train
   queries away from phi for SFT/GRPO; --ret-folds F gives theta out-of-fold top-K lists instead
   (cross-fitting: F extra phi trainings, each blind to one fold, each query ranked in a pool the
-  size of a test pool); --cand-order shuffle trains on
-  shuffled candidate orders.
+  size of a test pool); --cand-order shuffle trains on shuffled candidate orders.
 * Scale: K = 8 (paper: 50), a few hundred optimiser steps per stage on CPU. The ICM's speed-up
   is measured at SmolVLM-256M's LM shape without downloading it (`bench --preset shape256m`,
   random weights): 2.9x faster reranks at K = 8, 10.3x at K = 32 (tiny preset: 1.9x / 3.2x).
