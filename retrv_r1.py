@@ -108,6 +108,7 @@ import argparse
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -152,6 +153,7 @@ class Config:
     n_val: int = 50  # val queries per task
     n_test: int = 100  # test queries per task
     n_hard_neg: int = 15  # one-change hard negatives per target, all in the local pool
+    neg_structure: str = "star"  # star: every hard negative one change from the target | cube: the 16 corners of 4 independent changes (see make_group)
     image_size: int = 64  # rendered scene side in pixels
     caption_order: str = "attr"  # how scenes are written: attr 'a large red circle top left' | shape 'circle red large top left'
     # --- backbone (section 4) -------------------------------------------------------------
@@ -230,6 +232,7 @@ class Config:
     qid: str = ""  # demo: which query
     bench_smoke: bool = True  # bench: also time `train --preset smoke` in a temp dir
     bench_parts: str = "sampler,icm,steps"  # bench: which figures (sampler: throughput | icm: ICM vs full tokens | steps: SFT/GRPO step times)
+    bench_ks: str = "4,8,16,32"  # bench: the rerank depths K at which ICM and full tokens are timed
     rows: str = ""  # ablate: comma list of rows ("" = all)
     log_every: int = 25  # steps between metric lines
     ckpt_every: int = 50  # mid-stage checkpoint every N optimiser steps (0 = only at the end)
@@ -264,7 +267,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # fields that may change between a run and its resumption without changing what is computed
 _RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "split", "stage",
-                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "rows"}
+                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "bench_ks", "rows"}
 
 
 class RetrvError(Exception):
@@ -843,11 +846,18 @@ def render(scene, size: int = 64, jitter: random.Random | None = None):
     return img
 
 
-def make_group(task: int, rng: random.Random, n_neg: int) -> dict:
+def make_group(task: int, rng: random.Random, n_neg: int, structure: str = "star") -> dict:
     """One query with its positive and n_neg hard negatives, as scene graphs + texts (no files yet).
 
     Returns {query: {txt, scene (to render or None), jitter, target}, pos: cand, negs: [cand]} where a
-    cand is {scene, modality}. `target` is the scene the query asks for (for relation texts)."""
+    cand is {scene, modality}. `target` is the scene the query asks for (for relation texts).
+    structure "star" (the default world): every negative is one change away from the target, so the
+    target is the one candidate that is one change away from all the others -- a query-blind rule can
+    find it (README, "A shortcut in the world"). "cube": see cube_group."""
+    if structure == "cube":
+        return cube_group(task, rng, n_neg)
+    if structure != "star":
+        raise RetrvError(f"--neg-structure must be star or cube (got {structure!r})")
     if task == 7:
         source = random_scene(rng)
         target, edit = apply_edit(source, rng)
@@ -863,12 +873,83 @@ def make_group(task: int, rng: random.Random, n_neg: int) -> dict:
                 negs=[dict(scene=s, modality=cmod) for s in negs])
 
 
+def cube_changes(scene, rng: random.Random, d: int) -> list[tuple[int, int, Any]]:
+    """d independent single-attribute changes of `scene`: (object index, attribute index 0-3 = shape /
+    colour / size / cell, new value), on distinct (object, attribute) pairs; a new shape or cell is one
+    the scene and the other changes do not use, so any subset of them can be applied together."""
+    pairs = [(i, a) for i in range(len(scene)) for a in range(4)]
+    rng.shuffle(pairs)
+    shapes, cells, out = {o[0] for o in scene}, {o[3] for o in scene}, []
+    for i, a in pairs:
+        if len(out) == d:
+            break
+        s, c, z, cell = scene[i]
+        if a == 0:
+            free = [x for x in SHAPES if x not in shapes]
+            if not free:
+                continue
+            v = rng.choice(free)
+            shapes.add(v)
+        elif a == 1:
+            v = rng.choice([x for x in COLORS if x != c])
+        elif a == 2:
+            v = "small" if z == "large" else "large"
+        else:
+            v = rng.choice([x for x in range(9) if x not in cells])
+            cells.add(v)
+        out.append((i, a, v))
+    if len(out) < d:
+        raise RetrvError(f"a scene of {len(scene)} objects has fewer than {d} independent changes (--n-hard-neg too large for --neg-structure cube)")
+    return out
+
+
+def cube_group(task: int, rng: random.Random, n_neg: int) -> dict:
+    """make_group with structure "cube": draw a base scene and d = ceil(log2(n_neg + 1)) independent
+    one-attribute changes (cube_changes); the candidates are corners of the d-cube (a subset of the
+    changes applied), the target a random corner, the negatives n_neg of the others (all of them when
+    n_neg = 2^d - 1, the default 15 = 2^4 - 1). Every corner is one change away from exactly d others,
+    so no candidate is a hub: which one is the target can only be read off the query. Hard negatives
+    are now 1 to d changes away (4 of 15 one change away, 6 two, 4 three, 1 four) and never swaps.
+    Task 7's source image is the target with one change undone, and the edit text redoes it."""
+    base = random_scene(rng)
+    d = max(1, math.ceil(math.log2(n_neg + 1)))
+    changes = cube_changes(base, rng, d)
+
+    def corner(bits) -> tuple[list, list]:  # -> (objects in base order, sorted scene)
+        objs = [list(o) for o in base]
+        for (i, a, v), b in zip(changes, bits):
+            if b:
+                objs[i][a] = v
+        return objs, sorted(tuple(o) for o in objs)
+
+    t_bits = tuple(rng.randrange(2) for _ in range(d))
+    others = [b for b in itertools.product((0, 1), repeat=d) if b != t_bits]
+    t_objs, target = corner(t_bits)
+    if task == 7:
+        k = rng.randrange(d)
+        s_bits = tuple(b ^ (n == k) for n, b in enumerate(t_bits))
+        negs = [s_bits] + rng.sample([b for b in others if b != s_bits], n_neg - 1)
+        s_objs, source = corner(s_bits)
+        i, a, _ = changes[k]
+        name, new = s_objs[i][0], t_objs[i][a]
+        edit = {0: f"turn the {name} into a {new}", 1: f"make the {name} {new}", 2: f"make the {name} {new}",
+                3: f"move the {name} to the {CELLS[new] if a == 3 else new}"}[a]
+        query = dict(txt=edit, scene=source, jitter=False, target=target)
+    else:
+        negs = rng.sample(others, n_neg)
+        query = dict(txt=caption(target) if task == 0 else None,
+                     scene=None if task == 0 else target, jitter=task == 4, target=target)
+    cmod = TASK_MODALITIES[task][1]
+    return dict(query=query, pos=dict(scene=target, modality=cmod),
+                negs=[dict(scene=corner(b)[1], modality=cmod) for b in negs])
+
+
 def scene_json(scene) -> str:
     return json.dumps({"objects": [list(o) for o in scene]})
 
 
 def world_signature(cfg: Config) -> dict:
-    keys = ["seed", "tasks", "n_train", "n_val", "n_test", "n_hard_neg", "image_size", "caption_order"]
+    keys = ["seed", "tasks", "n_train", "n_val", "n_test", "n_hard_neg", "neg_structure", "image_size", "caption_order"]
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -894,7 +975,7 @@ def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = 
             (tmp / img_dir).mkdir(parents=True, exist_ok=True)
             qlines, plines, qrels = [], [], []
             for qn in range(n):
-                g = make_group(task, rng, cfg.n_hard_neg)
+                g = make_group(task, rng, cfg.n_hard_neg, cfg.neg_structure)
                 qid = f"{DATASET_ID}:{task * 1_000_000 + si * 100_000 + qn}"
                 cands = [g["pos"]] + g["negs"]
                 dids = []
@@ -3162,12 +3243,27 @@ def coarse_recall(cfg: Config, ret: Retriever, split: str, verbose: bool = True)
     splits = load_split(cfg.data_root, split, parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
     ks = sorted({1, 5, 10, cfg.K})
     tasks, cache = {}, ImageCache(ret.bb.image_size)
+    blind = {}
     for ts in tqdm(splits, desc=f"phi on {split}", disable=not verbose):
         check_K(cfg, ts)
-        _, idx = coarse_rank(cfg, ret, ts, min(max(ks), len(ts.pool)), cache)
+        qs, cs = coarse_embed(cfg, ret, ts, cache)  # (Q, d), (N, d)
+        _, idx = topk_search(qs, cs, min(max(ks), len(ts.pool)))
         tasks[task_key(cfg, ts)] = recall_at(idx.tolist(), ts.pos, ks)
+        picks = [r[consensus_pick(cs[r[: cfg.K]])] for r in idx.tolist()]
+        blind[task_key(cfg, ts)] = sum(p in pos for p, pos in zip(picks, ts.pos)) / max(1, len(ts))
     avg = {f"R@{k}": sum(t[f"R@{k}"] for t in tasks.values()) / len(tasks) for k in ks}
-    return {"tasks": tasks, "avg": avg}
+    return {"tasks": tasks, "avg": avg,
+            "controls": {"query_blind_consensus_R@1": {**blind, "avg": sum(blind.values()) / len(blind)}}}
+
+
+def consensus_pick(C: torch.Tensor) -> int:
+    """A query-blind control: among phi's top-K (unit embeddings C (K, d)), the candidate closest on
+    average to the other K-1,  argmax_k sum_{j != k} <c_k, c_j>.  It never looks at the query (the
+    query only chose the K). In the default world every hard negative is one change from the target,
+    so the target is the hub of its look-alikes and this rule finds it far more often than phi's own
+    rank 1 (README, "A shortcut in the world"); a reranker's R@1 means something only above it."""
+    sim = C @ C.T  # (K, K)
+    return int((sim.sum(1) - sim.diagonal()).argmax())
 
 
 def task_key(cfg: Config, ts: TaskSplit) -> str:
@@ -3366,12 +3462,19 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
            "tasks": {t: {f"R@{k}": v[f"R@{k}"] for k in ks} for t, v in rec["tasks"].items()},
            "avg": {f"R@{k}": rec["avg"][f"R@{k}"] for k in ks},
            "efficiency": {**eff, "peak_mem_mb": peak_mem_mb(dev)}}
+    if stage == "coarse":
+        out["controls"] = rec["controls"]
     if stage != "coarse" and any(it.target is not None for it in items):
         out["diagnosis"] = trace_diagnostics(items, res)
     if write:
         atomic_write_text(Path(cfg.run_dir) / f"eval_{split}.json", json.dumps(out, indent=2))
     if verbose:
         print(format_table(out))
+        if "controls" in out:
+            c = out["controls"]["query_blind_consensus_R@1"]
+            print(f"query-blind control (phi's top-{cfg.K}, then the candidate closest to the other {cfg.K - 1}, "
+                  f"never the query): R@1 {c['avg']:.3f} (" + ", ".join(f"{t} {v:.2f}" for t, v in c.items() if t != "avg")
+                  + ") -- a reranker's R@1 is worth something above this line")
         e = out["efficiency"]
         if e.get("inspections_per_query") is not None:
             print("context tokens/query {context_tokens_per_query:.1f}  inspections/query {inspections_per_query:.2f} "
@@ -3616,6 +3719,12 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
     parts = {x.strip() for x in cfg.bench_parts.split(",") if x.strip()}
     if not parts or parts - {"sampler", "icm", "steps"}:
         raise RetrvError(f"--bench-parts must be a comma list of sampler, icm, steps (got {cfg.bench_parts!r})")
+    try:
+        Ks = tuple(int(k) for k in cfg.bench_ks.split(",") if k.strip())
+    except ValueError:
+        Ks = ()
+    if not Ks or min(Ks) < 1:
+        raise RetrvError(f"--bench-ks must be a comma list of positive rerank depths, e.g. 4,8,16,32 (got {cfg.bench_ks!r})")
     dev, dt = enter_stage(cfg, verbose)
     stage = next((s for s in ("grpo", "sft", "icm") if stage_done(cfg, s)), None)
     if stage:
@@ -3644,7 +3753,7 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
         res.update(bench_sampler(cfg, theta, emb, items_for, dev, dt))
     # 2. rerank latency and context tokens, ICM vs full tokens, as K grows (at --rerank-batch queries)
     if "icm" in parts:
-        res.update(icm_cost(theta, emb, items_for, dev, dt, n_queries=cfg.rerank_batch))
+        res.update(icm_cost(theta, emb, items_for, dev, dt, Ks=Ks, n_queries=cfg.rerank_batch))
     if "steps" in parts:  # 3. SFT / GRPO step times and peak memory (bench_steps)
         res.update(bench_steps(cfg, theta, emb, items_for, dev, dt))
     # 4. wall time of `train --preset smoke` in a fresh run directory (a subprocess, like a user)

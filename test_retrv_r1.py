@@ -88,6 +88,46 @@ def test_edit_source_is_a_hard_negative():
     assert R.canon(g["query"]["scene"]) in {R.canon(n["scene"]) for n in g["negs"]}
 
 
+def _n_changes(a, b) -> int:
+    """Attribute changes between two scenes of the same objects (objects matched by base order)."""
+    return sum(x != y for oa, ob in zip(a, b) for x, y in zip(oa, ob))
+
+
+def test_cube_world_has_no_hub_and_its_edit_is_one_change():
+    rng = random.Random(0)
+    for task in (0, 3, 4, 7):
+        for _ in range(10):
+            g = R.make_group(task, rng, 15, "cube")
+            target = g["query"]["target"]
+            scenes = [g["pos"]["scene"]] + [n["scene"] for n in g["negs"]]
+            assert R.describe_relation(target, scenes[0]) == "match ."
+            assert len({R.canon(sc) for sc in scenes}) == 16
+            # one change away <=> the relation names one attribute (swaps never occur in the cube)
+            one = lambda a, b: (r := R.describe_relation(a, b)).startswith("differs") and " has " in r
+            degree = [sum(one(a, b) for b in scenes if b is not a) for a in scenes]
+            assert degree == [4] * 16, degree  # every corner has 4 neighbours: the target is no hub
+            if task == 7:
+                src = g["query"]["scene"]
+                assert R.canon(src) in {R.canon(n["scene"]) for n in g["negs"]} and one(target, src)
+                words = g["query"]["txt"].split()
+                assert words[0] in ("make", "turn", "move") and words[2] in {o[0] for o in src}
+    # the star world: the target is one change from all 15, each negative from fewer
+    g = R.make_group(0, random.Random(1), 15)
+    scenes = [g["pos"]["scene"]] + [n["scene"] for n in g["negs"]]
+    one = lambda a, b: (r := R.describe_relation(a, b)).startswith("differs") and "many" not in r
+    degree = [sum(one(a, b) for b in scenes if b is not a) for a in scenes]
+    assert degree[0] == 15 and max(degree[1:]) < 15
+    with pytest.raises(R.RetrvError, match="neg-structure"):
+        R.make_group(0, random.Random(1), 15, "ring")
+
+
+def test_consensus_pick_is_the_candidate_closest_to_the_others():
+    C = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.28, 0.96], [0.0, 1.0]])  # unit rows; row 1 sits in the middle
+    sums = [(C @ C.T)[k].sum().item() - 1.0 for k in range(4)]
+    assert R.consensus_pick(C) == max(range(4), key=lambda k: sums[k]) == 1
+    assert R.consensus_pick(C[[3, 0, 2]]) in (0, 1, 2)  # defined for any K >= 2
+
+
 def test_world_texts_are_in_the_tiny_vocabulary():
     tok = R.build_tiny_tokenizer()
     unk = tok.unk_token_id
@@ -246,6 +286,14 @@ def test_shape256m_preset_has_smolvlm_256m_language_model_and_64_visual_tokens()
 def test_bench_rejects_unknown_parts_before_any_work(tmp_path):
     cfg = R.make_config("smoke", run_dir=str(tmp_path / "run"), bench_parts="icm,speed")
     with pytest.raises(R.RetrvError, match="bench-parts"):
+        R.bench(cfg, verbose=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("ks", ["8,x", "0,8", " , "])
+def test_bench_rejects_bad_rerank_depths_before_any_work(tmp_path, ks):
+    cfg = R.make_config("smoke", run_dir=str(tmp_path / "run"), bench_ks=ks)
+    with pytest.raises(R.RetrvError, match="bench-ks"):
         R.bench(cfg, verbose=False)
     assert not (tmp_path / "run").exists()
 
@@ -1444,6 +1492,8 @@ def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(world, tm
     a, b = tmp_path / "a", tmp_path / "b"
     R.train(_resume_cfg(world, a), verbose=False)
     ea = R.evaluate(_resume_cfg(world, a), split="val", stage="coarse", verbose=False)
+    blind = ea["controls"]["query_blind_consensus_R@1"]
+    assert set(blind) == set(ea["tasks"]) | {"avg"} and all(0 <= v <= 1 for v in blind.values())
     # b: killed after 3 warm-up steps (checkpointed), then after 1 retriever step, then finished
     out = R.train(_resume_cfg(world, b, stop_after=3), verbose=False)
     assert out["warmup"] == {"stopped": True} and (b / "warmup_partial" / "state.json").exists()
