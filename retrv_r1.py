@@ -2333,17 +2333,18 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match_frac: float = 0.0,
-                   rel_format: str = "sentence", scramble_frac: float = 0.0) -> tuple[list, list]:
+                   rel_format: str = "sentence", scramble_frac: float = 0.0, structure: str = "star") -> tuple[list, list]:
     """One warm-up sequence (kind: caption | relation | ideal | check) as (segments, images); an image is
     (scene, jitter rng or None), rendered and embedded by warmup_batch. A relation's candidate is drawn
     from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac;
-    with probability scramble_frac it is then replaced by scramble(target) (see there)."""
+    with probability scramble_frac it is then replaced by scramble(target) (see there). `structure` is the
+    world's --neg-structure: a cube world's warm-up sees its 1-2-change negatives ("many changes")."""
     if kind == "caption":
         scene = random_scene(rng)
         return [("img", 0), ("ids", bb.ids("caption :"), False), ("ids", bb.ids(caption(scene)) + [bb.tid("<eos>")], True)], \
             [(scene, None)]
     task = rng.choice([0, 3, 4, 7])
-    g = make_group(task, rng, 3)
+    g = make_group(task, rng, 3, structure)
     q = g["query"]
     if match_frac > 0:
         cand = g["pos"] if rng.random() < match_frac else rng.choice(g["negs"])
@@ -2391,10 +2392,11 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, ch
 
 
 def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
-                 match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0, scramble_frac: float = 0.0):
+                 match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0, scramble_frac: float = 0.0,
+                 structure: str = "star"):
     """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes)."""
     examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac, check_frac), size, match_frac, rel_format,
-                               scramble_frac) for _ in range(n)]
+                               scramble_frac, structure) for _ in range(n)]
     rows, vis, scenes = warmup_rows(bb, examples, size)
     return (*lm_batch(bb, rows), (vis, scenes))
 
@@ -2452,12 +2454,13 @@ class AttributeProbe(nn.Module):
 
 @torch.no_grad()
 def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: float = 0.0,
-                     ideal_frac: float = 0.0, rel_format: str = "sentence") -> dict:
+                     ideal_frac: float = 0.0, rel_format: str = "sentence", structure: str = "star") -> dict:
     """Teacher-forced token accuracy on held-out scenes (a seed stream training never uses),
     overall and per attribute word (shape / color / size / position)."""
     bb.eval()
     rng = random.Random(seed)
-    x, mask, labels, _ = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac, rel_format=rel_format)
+    x, mask, labels, _ = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac, rel_format=rel_format,
+                                      structure=structure)
     _, pred, valid = lm_loss(bb, x, mask, labels)
     tgt = labels[:, 1:]
     ok = (pred == tgt) & valid
@@ -2473,7 +2476,7 @@ def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: fl
 
 @torch.no_grad()
 def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: str = "sentence",
-                   max_new: int = 0, kind: str = "relation") -> dict:
+                   max_new: int = 0, kind: str = "relation", structure: str = "star") -> dict:
     """The decision the inspection phase rests on: shown [T_q] "candidate :" [T_c] "relation :", does
     the relation the LM writes itself (greedy, not teacher-forced) contain the right verdict word?
     Held-out relation sequences, half of them matches; accuracy on each half (a model that always
@@ -2483,7 +2486,7 @@ def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: st
     bb.eval()
     max_new = max_new or {"sentence": 24, "aligned": 110}.get(rel_format, 72)
     rng = random.Random(seed)
-    examples = [warmup_example(bb, rng, kind, bb.image_size, 0.5, rel_format) for _ in range(n)]
+    examples = [warmup_example(bb, rng, kind, bb.image_size, 0.5, rel_format, structure=structure) for _ in range(n)]
     rows, _, _ = warmup_rows(bb, examples, bb.image_size)
     m_id, d_id = bb.tid("match"), bb.tid("differs")
     is_match = torch.tensor([m_id in row[-1][1] for row in rows])
@@ -2539,7 +2542,7 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
             x, mask, labels, (vis, scenes) = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac,
                                                           cfg.image_size, cfg.warmup_ideal_frac, cfg.warmup_match_frac,
                                                           cfg.relation_format, cfg.warmup_check_frac,
-                                                          cfg.warmup_scramble_frac)
+                                                          cfg.warmup_scramble_frac, cfg.neg_structure)
             loss, pred, valid = lm_loss(bb, x, mask, labels)
             if probe is not None:
                 probe_loss, probe_shape = probe.loss(vis, scenes)
@@ -2558,10 +2561,11 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         ck.step_done(step)
     if probe is not None:
         del bb.warmup_probe  # warm-up only; the saved backbone is the plain Idefics3
+    ns = cfg.neg_structure
     held = caption_accuracy(bb)
-    held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321, rel_format=cfg.relation_format)
-    held_ideal = caption_accuracy(bb, ideal_frac=1.0, seed=98765)
-    held_match = match_accuracy(bb, rel_format=cfg.relation_format)
+    held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321, rel_format=cfg.relation_format, structure=ns)
+    held_ideal = caption_accuracy(bb, ideal_frac=1.0, seed=98765, structure=ns)
+    held_match = match_accuracy(bb, rel_format=cfg.relation_format, structure=ns)
     res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}, "ideal": held_ideal, "match": held_match}
     with atomic_dir(Path(cfg.run_dir) / "warmup") as tmp:
         bb.save(tmp)

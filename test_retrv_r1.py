@@ -594,6 +594,25 @@ def test_warmup_match_frac_sets_the_share_of_matching_relations_and_match_accura
     assert set(mc) == {"on_match", "on_differs", "balanced"} and 0.0 <= mc["balanced"] <= 1.0
 
 
+def test_warmup_relations_come_from_the_worlds_neg_structure(small):
+    """A cube world's warm-up must see its multi-change negatives ('differs : many changes .'), which the
+    star world's never has; the star stream is the one it always was."""
+    cfg, theta, emb, _ = small
+    bb = theta.bb
+    text = lambda segs: bb.tok.decode([t for s in segs if s[0] == "ids" and s[2] for t in s[1]])
+    kinds = {}
+    for structure in ("star", "cube"):
+        rng = random.Random(5)
+        rels = [text(R.warmup_example(bb, rng, "relation", 64, structure=structure)[0]) for _ in range(200)]
+        kinds[structure] = {R.relation_kind(r) for r in rels}
+    assert "many" in kinds["cube"] and "swapped" not in kinds["cube"]
+    assert "many" not in kinds["star"] and "swapped" in kinds["star"]
+    a, b = random.Random(4), random.Random(4)
+    R.warmup_example(bb, a, "relation", 64)
+    R.warmup_example(bb, b, "relation", 64, structure="star")
+    assert a.random() == b.random()
+
+
 def test_object_check_names_each_changed_object_and_ends_in_the_verdict():
     rng = random.Random(9)
     for task in (0, 3, 4, 7):
