@@ -67,7 +67,10 @@ Deviations from the paper
   (a world whose captions put the shape first, so that phase 3's lookup reads on from the shape:
   faster on words only, no better with images -- README, "Shape-first captions").
 * Data: a synthetic world of coloured shapes on a 3x3 grid written in the M-BEIR layout (task
-  ids 0, 3, 4, 7), with one-change hard negatives, instead of the 16 M-BEIR evaluations. The
+  ids 0, 3, 4, 7), with one-change hard negatives (--neg-structure star, the default: the target
+  is the hub of its negatives, a query-blind shortcut) or the 16 corners of a 4-cube of
+  independent changes (--neg-structure cube: no hub; the warm-up then draws its relation pairs
+  from the cube too), instead of the 16 M-BEIR evaluations. The
   reader also accepts the real M-BEIR root. Scene graphs travel in the M-BEIR `src_content`
   field as JSON.
 * Coarse retriever phi: the paper uses an existing MLLM embedding model (LamRA-style). Here phi
