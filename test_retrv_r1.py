@@ -596,7 +596,7 @@ def test_warmup_match_frac_sets_the_share_of_matching_relations_and_match_accura
 
 def test_warmup_relations_come_from_the_worlds_neg_structure(small):
     """A cube world's warm-up must see its multi-change negatives ('differs : many changes .'), which the
-    star world's never has; the star stream is the one it always was."""
+    star world's never has (and the star world's swaps, which the cube never makes)."""
     cfg, theta, emb, _ = small
     bb = theta.bb
     text = lambda segs: bb.tok.decode([t for s in segs if s[0] == "ids" and s[2] for t in s[1]])
@@ -607,10 +607,6 @@ def test_warmup_relations_come_from_the_worlds_neg_structure(small):
         kinds[structure] = {R.relation_kind(r) for r in rels}
     assert "many" in kinds["cube"] and "swapped" not in kinds["cube"]
     assert "many" not in kinds["star"] and "swapped" in kinds["star"]
-    a, b = random.Random(4), random.Random(4)
-    R.warmup_example(bb, a, "relation", 64)
-    R.warmup_example(bb, b, "relation", 64, structure="star")
-    assert a.random() == b.random()
 
 
 def test_object_check_names_each_changed_object_and_ends_in_the_verdict():
