@@ -212,6 +212,7 @@ class Config:
     inspect: bool = True  # allow details inspection when sampling (False: the w/o-inspection ablation)
     cand_order: str = "phi"  # order of the K candidates in SFT/GRPO prompts: phi | shuffle (eval: always phi)
     sft_views: int = 1  # with cand_order=shuffle: shuffled copies of each train query's top-K in the SFT data
+    sft_lookup_weight: float = 1.0  # aligned traces: SFT loss weight on the ideal's value where it differs from the candidate's (lookup_weights)
     # --- stage 3: GRPO (section 12) -------------------------------------------------------------
     grpo_steps: int = 60  # N_iter: RL steps (lam_i = i / N_iter)
     grpo_batch: int = 8  # queries per step (B)
@@ -2988,12 +2989,55 @@ def trainable_theta(theta: Reasoner, cfg: Config) -> list:
     return [p for p in theta.parameters() if p.requires_grad]
 
 
-def sft_loss(theta: Reasoner, emb: Embedder, batch: list) -> tuple[torch.Tensor, dict]:
-    """-mean log p(teacher tokens): prompt and spliced observations never count (score() masks them)."""
+def lookup_weights(text: str, w: float) -> list[float]:
+    """Per-word SFT loss weights of one aligned trace: w on the words of the ideal's value in every
+    phase-3 pair whose two values differ ('cross : yellow CYAN different'), 1 everywhere else.
+
+        L = - sum_t w_t log pi(y_t | y_<t) / #{t}        (w_t = 1 for every other token)
+
+    Why (--sft-lookup-weight): in a phase-3 check the ideal's value has to be looked up in phase 1
+    (the same-shape object of the ideal), but in the traces it equals the candidate's value written
+    one word earlier on 99% of pairs (an inspected positive has no differing pair, a one-change
+    negative one in ten), so SFT learns "repeat the previous word" instead of the lookup (README,
+    "the aligned configuration end to end"). Weighting the few pairs where that copy is wrong makes
+    copying cost what it should. Words, not tokens: the tiny word-level tokenizer only."""
+    words = text.split()
+    out, in_check, seg = [1.0] * len(words), False, []
+    for i, x in enumerate(words):
+        if x == "<insp_e>":
+            in_check, seg = True, []
+        elif x in ("<insp_s>", "</think>"):
+            in_check = False
+        elif in_check and x == "different" and len(seg) >= 2:
+            vals = [v for _, v in seg]
+            cut = 1 if len(seg) == 2 else next(
+                (j for j in range(1, len(seg)) if " ".join(vals[:j]) in CELLS and " ".join(vals[j:]) in CELLS), None)
+            for j, _ in seg[cut:] if cut else []:
+                out[j] = w
+            seg = []
+        elif in_check:
+            seg = [] if x in (":", ",", ";", ".", "same", "different") else seg + [(i, x)]
+    return out
+
+
+def sft_loss(theta: Reasoner, emb: Embedder, batch: list, lookup_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """-mean log p(teacher tokens): prompt and spliced observations never count (score() masks them);
+    with lookup_weight != 1 the ideal's differing values in aligned checks count that much (lookup_weights)."""
     prompts = build_prompts(theta, emb, [it.query for it, _ in batch], [it.cands for it, _ in batch])
     rolls = [trace_rollout(theta.bb, text) for _, text in batch]
     logp, mask = score(theta, prompts, rolls)
-    loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+    weight = mask
+    if lookup_weight != 1.0:
+        weight = torch.ones_like(mask)
+        for b, ((_, text), r) in enumerate(zip(batch, rolls)):
+            w = lookup_weights(text, lookup_weight)
+            w = w[1:] if text.split()[:1] == ["<think>"] else w  # trace_rollout drops the leading <think>
+            if len(w) != len(r.ids):
+                raise RetrvError("--sft-lookup-weight needs the word-level tokenizer of the tiny backbone "
+                                 f"({len(r.ids)} tokens for {len(w)} words in a trace)")
+            weight[b, : len(w)] = torch.tensor(w, device=mask.device)
+        weight = weight * mask
+    loss = -(logp * weight).sum() / mask.sum().clamp(min=1)
     return loss, dict(tokens=int(mask.sum().item()))
 
 
@@ -3032,7 +3076,7 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
     for step in bar:
         batch = rng.sample(data, min(cfg.sft_batch, len(data)))
         with autocast(dev, dt):
-            loss, st = sft_loss(theta, emb, batch)
+            loss, st = sft_loss(theta, emb, batch, cfg.sft_lookup_weight)
         check_finite(loss, "sft", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()

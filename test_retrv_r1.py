@@ -881,6 +881,27 @@ def test_sft_loss_counts_generated_tokens_only(small):
     assert bb.tid("<full>") not in roll.ids
 
 
+def test_sft_lookup_weight_weighs_only_the_ideals_differing_values(small, world):
+    cfg, theta, emb, _ = small
+    target = [("cross", "cyan", "large", 5), ("star", "red", "small", 0)]
+    neg = [("cross", "yellow", "large", 5), ("star", "red", "small", 2)]  # colour of the cross, cell of the star
+    text = (f"<think> ideal : {R.caption(target)} . <insp_s> 1 <insp_e> {R.aligned_check(target, neg)} "
+            f"<insp_s> 2 <insp_e> {R.aligned_check(target, target)} </think> <answer> 2 </answer>")
+    w = R.lookup_weights(text, 5.0)
+    words = text.split()
+    assert [x for x, v in zip(words, w) if v != 1.0] == ["top", "left", "cyan"]  # the ideal's values, nothing else
+    assert words[[i for i, v in enumerate(w) if v != 1.0][-1] - 1] == "yellow"  # right after the candidate's value
+    ts = R.load_split(world[1], "val")[0]
+    it = R.RerankItem(R.query_item(ts, 0), [R.cand_item(ts, j) for j in (ts.pos[0] + ts.neg[0])[:2]],
+                      [], [2], None, [], ts.name, "q0")
+    with torch.no_grad():
+        plain, st = R.sft_loss(theta, emb, [(it, text)])
+        heavy, st2 = R.sft_loss(theta, emb, [(it, text)], lookup_weight=5.0)
+        same = text.split("<insp_s> 1")[0] + "<insp_s> 2" + text.split("<insp_s> 2")[1]  # no differing pair left
+        assert torch.allclose(R.sft_loss(theta, emb, [(it, same)])[0], R.sft_loss(theta, emb, [(it, same)], lookup_weight=5.0)[0])
+    assert st == st2 and heavy.item() > plain.item()  # same tokens counted; the three looked-up words weigh 5x
+
+
 # ================================================================ the bad-input matrix (data)
 
 
