@@ -3062,6 +3062,10 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
     data = build_sft_data(cfg, items, teacher, verbose)
     if not data:
         raise RetrvError("SFT: no train query has a correct trace (phi never retrieves a positive in the top-K?)")
+    if verbose and cfg.sft_lookup_weight != 1.0:
+        n_w = sum(v != 1.0 for _, t in data for v in lookup_weights(t, cfg.sft_lookup_weight))
+        print(f"[sft] lookup weight {cfg.sft_lookup_weight:g} on {n_w} words (the ideal's values that differ from "
+              f"the candidate's) of {sum(len(t.split()) for _, t in data)} in {len(data)} traces")
     params = trainable_theta(theta, cfg)
     emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.01)
