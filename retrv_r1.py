@@ -732,6 +732,12 @@ def aligned_check(target, cand) -> str:
     return " ; ".join(parts) + (" . match ." if canon(target) == canon(cand) else " . differs .")
 
 
+def pair_cut(ws: list[str], values) -> int | None:
+    """Where the words of one aligned pair split into the candidate's value and the ideal's:
+    ['top', 'right', 'top', 'left'] -> 2 (values = CELLS); None if no split gives two values."""
+    return next((j for j in range(1, len(ws)) if " ".join(ws[:j]) in values and " ".join(ws[j:]) in values), None)
+
+
 def parse_aligned_check(seg: str) -> dict | None:
     """'cross : yellow cyan different , large large same , right right same ; star : none different . differs .'
     -> {"objects": {shape: [(cand, ideal, word) x 3] or None (= "none")}, "verdict": "differs"}; None if malformed."""
@@ -753,7 +759,7 @@ def parse_aligned_check(seg: str) -> dict | None:
             if i < 2 and len(ws) == 3:
                 pairs.append((ws[0], ws[1], ws[2]))
                 continue
-            cut = next((j for j in range(1, len(ws) - 1) if " ".join(ws[:j]) in CELLS and " ".join(ws[j:-1]) in CELLS), None)
+            cut = pair_cut(ws[:-1], CELLS)
             if i != 2 or cut is None:
                 return None
             pairs.append((" ".join(ws[:cut]), " ".join(ws[cut:-1]), ws[-1]))
@@ -3009,9 +3015,7 @@ def lookup_weights(text: str, w: float) -> list[float]:
         elif x in ("<insp_s>", "</think>"):
             in_check = False
         elif in_check and x == "different" and len(seg) >= 2:
-            vals = [v for _, v in seg]
-            cut = 1 if len(seg) == 2 else next(
-                (j for j in range(1, len(seg)) if " ".join(vals[:j]) in CELLS and " ".join(vals[j:]) in CELLS), None)
+            cut = pair_cut([v for _, v in seg], COLORS + SIZES + CELLS)
             for j, _ in seg[cut:] if cut else []:
                 out[j] = w
             seg = []
