@@ -209,6 +209,7 @@ class Config:
     lora_r: int = 16  # LoRA rank (pretrained backbones only; the tiny LM is fully fine-tuned)
     cot_file: str = ""  # optional JSONL of teacher CoTs {"qid", "trace"} from a large MLLM
     cot_mode: str = "full"  # full: four phases | noinsp: no inspection phase | direct: answer only (ablations)
+    cot_restate: bool = False  # phase 3: restate the ideal before each inspection (ideal, candidate, relation: the warm-up's order)
     inspect: bool = True  # allow details inspection when sampling (False: the w/o-inspection ablation)
     cand_order: str = "phi"  # order of the K candidates in SFT/GRPO prompts: phi | shuffle (eval: always phi)
     sft_views: int = 1  # with cand_order=shuffle: shuffled copies of each train query's top-K in the SFT data
@@ -2781,11 +2782,15 @@ def relation_kind(rel: str) -> str:
 
 
 def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full",
-              rel_format: str = "sentence") -> tuple[str, list[int]] | None:
+              rel_format: str = "sentence", restate: bool = False) -> tuple[str, list[int]] | None:
     """The teacher's four-phase trace for one query (1-based candidate indices), or None when the
     positive is not among the K candidates (no correct trace exists).
     mode "noinsp" (the w/o-inspection ablation) drops phase 3 and answers from the compressed view;
-    mode "direct" (theta without reasoning) is just "<think> </think> <answer> k </answer>"."""
+    mode "direct" (theta without reasoning) is just "<think> </think> <answer> k </answer>".
+    restate (--cot-restate): every inspection is written in the warm-up's relation order,
+        'ideal : <caption> <insp_s> k <insp_e> <full>..</full> relation : <check>'
+    so the ideal the check must look up sits just before the splice instead of back in phase 1
+    (behind the eliminate list and earlier checks), where SFT learned to copy instead (README)."""
     if not any(1 <= p <= len(cand_scenes) for p in positives):
         return None
     if mode == "direct":
@@ -2801,7 +2806,9 @@ def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full
     elif len(keep) > 1:
         for k in keep:
             inspected.append(k)
-            parts.append(f"<insp_s> {k} <insp_e> {describe_relation(target, cand_scenes[k - 1], rel_format)}")
+            rel = describe_relation(target, cand_scenes[k - 1], rel_format)
+            parts += [f"ideal : {caption(target)} <insp_s> {k} <insp_e> relation : {rel}"] if restate else [
+                f"<insp_s> {k} <insp_e> {rel}"]
             if k in positives:
                 break
     answer = inspected[-1] if inspected else keep[0]
@@ -2923,7 +2930,7 @@ def build_sft_data(cfg: Config, items: list[RerankItem], teacher: dict | None = 
         if teacher and it.qid in teacher:
             tr, src = (teacher[it.qid], None), "teacher"
         elif it.target is not None and all(s is not None for s in it.scenes):
-            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode, cfg.relation_format), "scene"
+            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode, cfg.relation_format, cfg.cot_restate), "scene"
         else:
             tr, src = format_only_trace(it.positives, cfg.K), "format_only"
         if tr is None:
@@ -3376,6 +3383,13 @@ def summarize_rerank(cfg: Config, res: list[dict], pos_rows: dict) -> dict:
     return {"tasks": tasks, "avg": avg, "efficiency": eff}
 
 
+def phase3_text(seg: str) -> str:
+    """What theta wrote after one splice (seg = the text after an <insp_e>): up to the next request or
+    the end of thinking, without the 'relation :' and the next restated ideal of --cot-restate traces."""
+    s = seg.split("<insp_s>")[0].split("</think>")[0].split(" ideal :")[0].strip()
+    return s.removeprefix("relation :").strip()
+
+
 def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
     """Where theta's reasoning goes wrong, phase by phase (synthetic data: needs the scene graphs).
 
@@ -3411,7 +3425,7 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
         if any(k in r["positives"] for k in r.get("inspected", [])):
             answered.append(r["pick"] in r["positives"])
         for k, seg in zip(r.get("inspected", []), text.split("<insp_e>")[1:]):
-            said_match[k in r["positives"]].append("match" in seg.split("<insp_s>")[0].split("</think>")[0].split())
+            said_match[k in r["positives"]].append("match" in phase3_text(seg).split())
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     return {"ideal_exact": {t: mean(v) for t, v in ideal.items()},
             "ideal_word_acc": {t: mean(v) for t, v in words.items()},
@@ -3439,7 +3453,7 @@ def aligned_diagnostics(items: list[RerankItem], res: list[dict]) -> dict | None
         if it.target is None:
             continue
         for k, seg in zip(r.get("inspected", []), r["text"].split("<insp_e>")[1:]):
-            gen = parse_aligned_check(seg.split("<insp_s>")[0].split("</think>")[0])
+            gen = parse_aligned_check(phase3_text(seg))
             parsed.append(gen is not None)
             if gen is None:
                 continue

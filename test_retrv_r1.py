@@ -720,6 +720,23 @@ def test_cot_trace_with_object_checks_writes_them_after_each_inspection():
         assert said == R.object_check(target, scenes[k - 1])
 
 
+def test_cot_restate_writes_the_ideal_before_each_inspection_and_the_check_after():
+    rng = random.Random(5)
+    g = R.make_group(4, rng, 15)
+    target = g["query"]["target"]
+    scenes = [n["scene"] for n in g["negs"][:7]] + [g["pos"]["scene"]]
+    a, ins_a = R.cot_trace(target, scenes, [8], rel_format="aligned")
+    b, ins_b = R.cot_trace(target, scenes, [8], rel_format="aligned", restate=True)
+    assert ins_a == ins_b and len(ins_b) >= 2  # the same teacher decisions, two inspections or more
+    assert R.format_reward(b, 8) == 1.0 and b.split("<insp_s>")[0] != a.split("<insp_s>")[0]
+    restated = f"ideal : {R.caption(target)}"
+    assert b.count(restated) == 1 + len(ins_b)  # phase 1, then once before every request
+    for k, seg_a, seg_b in zip(ins_b, a.split("<insp_e>")[1:], b.split("<insp_e>")[1:]):
+        assert seg_b.startswith(" relation : ")
+        assert R.phase3_text(seg_b) == R.phase3_text(seg_a) == R.aligned_check(target, scenes[k - 1])
+    assert R.parse_answer(b) == 8
+
+
 def test_check_sequences_are_words_only_and_end_in_the_relation(small):
     cfg, theta, emb, _ = small
     bb = theta.bb
