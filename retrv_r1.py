@@ -83,7 +83,11 @@ Deviations from the paper
 * Synthetic CoT: a rule-based teacher over scene graphs instead of Qwen2.5-VL-72B. Its
   "eliminate" phase treats color / size changes as visible in the compressed view and shape /
   position / swap changes as needing inspection. Real M-BEIR data get a format-only trace, or
-  teacher CoTs read from a JSONL file (`--cot-file`).
+  teacher CoTs read from a JSONL file (`--cot-file`). Three switches against phase 3's copy
+  shortcut (aligned checks), off by default because none taught the lookup on val (README, "the aligned
+  configuration end to end"): --sft-lookup-weight (weigh the ideal's differing values in the loss),
+  --cot-restate (restate the ideal just before each inspection) and --sft-replay n (warm-up
+  relation sequences in every SFT step, which keeps the warm-up's check: SFT alone forgets it).
 * GRPO: rollouts at temperature 1; log-probs are the untempered model's; with mu = 1 the ratio is
   1 (the clip never binds) and the update is REINFORCE with a group baseline plus the KL term.
   RL queries are the train queries the SFT model gets wrong first (--grpo-pool-mode all: a
@@ -2791,7 +2795,8 @@ def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full
     restate (--cot-restate): every inspection is written in the warm-up's relation order,
         'ideal : <caption> <insp_s> k <insp_e> <full>..</full> relation : <check>'
     so the ideal the check must look up sits just before the splice instead of back in phase 1
-    (behind the eliminate list and earlier checks), where SFT learned to copy instead (README)."""
+    (behind the eliminate list and earlier checks). Measured on val: theta still copies the
+    candidate's value (looked up 0.18 vs 0.14), so distance is not the cause (README)."""
     if not any(1 <= p <= len(cand_scenes) for p in positives):
         return None
     if mode == "direct":
