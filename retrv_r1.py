@@ -219,6 +219,7 @@ class Config:
     sft_views: int = 1  # with cand_order=shuffle: shuffled copies of each train query's top-K in the SFT data
     sft_lookup_weight: float = 1.0  # aligned traces: SFT loss weight on the ideal's value where it differs from the candidate's (lookup_weights)
     sft_replay: int = 0  # warm-up relation sequences added to every SFT step (0: none), so SFT does not forget the warm-up's check
+    sft_replay_wrap: str = "plain"  # replayed candidates as in the warm-up ("candidate :") | trace: in the trace's <insp_s> k <insp_e> <full>..</full>
     # --- stage 3: GRPO (section 12) -------------------------------------------------------------
     grpo_steps: int = 60  # N_iter: RL steps (lam_i = i / N_iter)
     grpo_batch: int = 8  # queries per step (B)
@@ -2349,12 +2350,17 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match_frac: float = 0.0,
-                   rel_format: str = "sentence", scramble_frac: float = 0.0, structure: str = "star") -> tuple[list, list]:
+                   rel_format: str = "sentence", scramble_frac: float = 0.0, structure: str = "star",
+                   wrap: str = "plain") -> tuple[list, list]:
     """One warm-up sequence (kind: caption | relation | ideal | check) as (segments, images); an image is
     (scene, jitter rng or None), rendered and embedded by warmup_batch. A relation's candidate is drawn
     from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac;
     with probability scramble_frac it is then replaced by scramble(target) (see there). `structure` is the
-    world's --neg-structure: a cube world's warm-up sees its 1-2-change negatives ("many changes")."""
+    world's --neg-structure: a cube world's warm-up sees its 1-2-change negatives ("many changes").
+    wrap "trace" (SFT replay, --sft-replay-wrap): a relation's candidate comes in the trace's own tokens,
+    '<insp_s> k <insp_e> <full>' T_c '</full> relation :', instead of 'candidate :' T_c 'relation :'."""
+    if wrap not in ("plain", "trace"):
+        raise RetrvError(f"--sft-replay-wrap must be plain or trace (got {wrap!r})")
     if kind == "caption":
         scene = random_scene(rng)
         return [("img", 0), ("ids", bb.ids("caption :"), False), ("ids", bb.ids(caption(scene)) + [bb.tid("<eos>")], True)], \
@@ -2386,13 +2392,13 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
         segs.append(("ids", bb.ids("ideal :"), False))
         segs.append(("ids", bb.ids(caption(q["target"])) + [bb.tid("<eos>")], True))
         return segs, imgs
-    segs.append(("ids", bb.ids("candidate :"), False))
+    segs.append(("ids", bb.ids(f"<insp_s> {rng.randint(1, 8)} <insp_e> <full>" if wrap == "trace" else "candidate :"), False))
     if cand["modality"] == "text":
         segs.append(("ids", bb.ids(caption(cand["scene"])), False))
     else:
         imgs.append((cand["scene"], None))
         segs.append(("img", len(imgs) - 1))
-    segs.append(("ids", bb.ids("relation :"), False))
+    segs.append(("ids", bb.ids("</full> relation :" if wrap == "trace" else "relation :"), False))
     segs.append(("ids", bb.ids(describe_relation(q["target"], cand["scene"], rel_format)) + [bb.tid("<eos>")], True))
     return segs, imgs
 
@@ -2409,10 +2415,10 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, ch
 
 def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
                  match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0, scramble_frac: float = 0.0,
-                 structure: str = "star"):
+                 structure: str = "star", wrap: str = "plain"):
     """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes)."""
     examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac, check_frac), size, match_frac, rel_format,
-                               scramble_frac, structure) for _ in range(n)]
+                               scramble_frac, structure, wrap) for _ in range(n)]
     rows, vis, scenes = warmup_rows(bb, examples, size)
     return (*lm_batch(bb, rows), (vis, scenes))
 
@@ -3103,7 +3109,8 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
             loss, st = sft_loss(theta, emb, batch, cfg.sft_lookup_weight)
             if cfg.sft_replay > 0:  # L = L_SFT + L_LM(warm-up relation sequences)
                 x, mask, labels, _ = warmup_batch(theta.bb, rng, cfg.sft_replay, 1.0, theta.bb.image_size,
-                                                  rel_format=cfg.relation_format, structure=cfg.neg_structure)
+                                                  rel_format=cfg.relation_format, structure=cfg.neg_structure,
+                                                  wrap=cfg.sft_replay_wrap)
                 replay, _, _ = lm_loss(theta.bb, x, mask, labels)
                 loss, st = loss + replay, dict(st, replay_loss=replay.item())
         check_finite(loss, "sft", step)

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -704,6 +705,22 @@ def test_shows_relations_in_the_warmup_write_the_ideal_first(small):
     segs, _ = R.warmup_example(bb, random.Random(0), "relation", 64, 0.0, "aligned")  # aligned: the ideal first too
     texts = [bb.tok.decode(s[1]) for s in segs if s[0] == "ids"]
     assert texts.index("ideal :") < texts.index("candidate :") < texts.index("relation :")
+
+
+def test_replay_in_the_trace_layout_wraps_the_candidate_like_a_splice(small):
+    bb = small[1].bb
+    for seed in range(4):
+        plain, im_p = R.warmup_example(bb, random.Random(seed), "relation", 64, 0.0, "aligned")
+        trace, im_t = R.warmup_example(bb, random.Random(seed), "relation", 64, 0.0, "aligned", wrap="trace")
+        tp = [bb.tok.decode(s[1]) for s in plain if s[0] == "ids"]
+        tt = [bb.tok.decode(s[1]) for s in trace if s[0] == "ids"]
+        assert "candidate :" in tp and "relation :" in tp and "candidate :" not in tt
+        i = next(j for j, t in enumerate(tt) if t.startswith("<insp_s>"))
+        assert re.fullmatch(r"<insp_s> [1-8] <insp_e> <full>", tt[i]) and "</full> relation :" in tt[i + 1:]
+        assert [s[1] for s in plain if s[0] == "ids" and s[2]] == [s[1] for s in trace if s[0] == "ids" and s[2]]
+        assert [sc for sc, _ in im_p] == [sc for sc, _ in im_t]  # the same scenes, only the wrapping changes
+    with pytest.raises(R.RetrvError, match="sft-replay-wrap must be plain or trace"):
+        R.warmup_example(bb, random.Random(0), "relation", 64, 0.0, "aligned", wrap="bogus")
 
 
 def test_cot_trace_with_object_checks_writes_them_after_each_inspection():
