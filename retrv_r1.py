@@ -3489,7 +3489,7 @@ def aligned_diagnostics(items: list[RerankItem], res: list[dict]) -> dict | None
 
 
 def format_diagnostics(d: dict) -> str:
-    f = lambda v: "–" if v is None or v != v else f"{v:.2f}"
+    f = lambda v: "–" if v is None else f"{v:.2f}"
     return ("phase 1 ideal exact (per task): " + " ".join(f"{t}:{f(v)}" for t, v in d["ideal_exact"].items())
             + " | word acc: " + " ".join(f"{t}:{f(v)}" for t, v in d["ideal_word_acc"].items())
             + f"\nphase 2 positive kept {f(d['positive_kept'])} (of {d['n_with_keep']})"

@@ -1585,12 +1585,15 @@ def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(world, tm
 def test_sft_replay_adds_the_warmup_loss_and_eval_reports_the_kept_check(world, tmp_path):
     kw = dict(stages="warmup,retriever,icm,sft", relation_format="aligned", align_steps=2, align_batch=4,
               sft_steps=3, sft_batch=2, max_new=24, ckpt_every=0)
-    R.train(_resume_cfg(world, tmp_path / "plain", **kw), verbose=False)
-    R.train(_resume_cfg(world, tmp_path / "replay", sft_replay=2, **kw), verbose=False)
+    R.train(_resume_cfg(world, tmp_path / "plain", **dict(kw, stages="warmup,retriever,icm")), verbose=False)
+    shutil.copytree(tmp_path / "plain", tmp_path / "replay")  # the same warm-up, phi and ICM under both SFTs
+    R.train(_resume_cfg(world, tmp_path / "plain", **dict(kw, stages="sft")), verbose=False)
+    R.train(_resume_cfg(world, tmp_path / "replay", sft_replay=2, **dict(kw, stages="sft")), verbose=False)
     plain, replay = R.read_metrics(tmp_path / "plain", "sft"), R.read_metrics(tmp_path / "replay", "sft")
     assert all("replay_loss" not in m for m in plain) and len(replay) == len(plain) == 3
-    for a, b in zip(plain, replay):  # same traces in step 0; the replay term is extra and positive
-        assert b["replay_loss"] > 0 and math.isfinite(b["replay_loss"]) and b["loss"] > b["replay_loss"]
+    for m in replay:  # the replay term is extra and positive
+        assert m["replay_loss"] > 0 and math.isfinite(m["replay_loss"]) and m["loss"] > m["replay_loss"]
+    # step 0: the same traces and weights, so the loss is the plain loss plus the replay term
     assert replay[0]["loss"] == pytest.approx(plain[0]["loss"] + replay[0]["replay_loss"], rel=1e-4)
     d = R.evaluate(_resume_cfg(world, tmp_path / "replay", **kw), split="val", stage="sft", verbose=False)["diagnosis"]
     assert 0 <= d["warmup_check"]["on_match"] <= 1 and 0 <= d["warmup_check"]["on_differs"] <= 1
