@@ -623,6 +623,22 @@ def caption(scene) -> str:
     return " , ".join(f"a {o[2]} {o[1]} {o[0]} {CELLS[o[3]]}" for o in objs) + " ."
 
 
+def parse_caption(text: str) -> dict[str, tuple[str, str, str]]:
+    """The inverse of caption(), forgiving: {shape: (color, size, cell)} for every well-formed object
+    of a written caption (theta's phase-1 "ideal", say); malformed objects are skipped, not fatal.
+        'a large red circle top left , a small blue star center .' -> {'circle': ('red', 'large', 'top left'), ...}"""
+    out = {}
+    for part in text.strip().removesuffix(".").split(" , "):
+        ws = part.split()
+        if _caption_order[0] == "shape":
+            shape, color, size, cell = (ws[0], ws[1], ws[2], " ".join(ws[3:])) if len(ws) >= 4 else (None,) * 4
+        else:
+            shape, color, size, cell = (ws[3], ws[2], ws[1], " ".join(ws[4:])) if len(ws) >= 5 and ws[0] == "a" else (None,) * 4
+        if shape in SHAPES and color in COLORS and size in SIZES and cell in CELLS and shape not in out:
+            out[shape] = (color, size, cell)
+    return out
+
+
 def one_change_variants(scene, rng: random.Random, n: int, exclude=()) -> list[list[Obj]]:
     """n distinct scenes differing from `scene` by one attribute of one object, or a swap.
 
@@ -3465,27 +3481,51 @@ def aligned_diagnostics(items: list[RerankItem], res: list[dict]) -> dict | None
         read       the first word is the candidate's value (theta read the splice)
         looked_up  the second word is the target's value (theta looked the ideal up)
         copied     the second word repeats the first (the shortcut: every pair then says "same")
-    consistent: the same/different word agrees with the two words before it (all pairs)."""
+    consistent: the same/different word agrees with the two words before it (all pairs).
+    "looked up" above is scored against the *true* target. theta looks up the ideal it wrote itself
+    (phase 1, or the restated one just before the splice), which can be wrong; "own" separates the two
+    (same differing values, where theta's ideal names the object's shape):
+        own_is_target      theta's ideal holds the target's value there
+        own_is_candidate   theta's ideal holds the candidate's value (then copying = a faithful lookup
+                           of a wrong ideal)
+        followed_own       the second word is theta's own ideal's value, whatever it is
+        looked_up_own_right  looked_up, counted only where theta's ideal is right there"""
     by_qid = {it.qid: it for it in items}
     steps: dict[str, list] = {"read": [], "looked_up": [], "copied": []}
+    own: dict[str, list] = {"own_is_target": [], "own_is_candidate": [], "followed_own": [], "looked_up_own_right": []}
     consistent, parsed = [], []
     for r in res:
         it = by_qid[r["qid"]]
         if it.target is None:
             continue
-        for k, seg in zip(r.get("inspected", []), r["text"].split("<insp_e>")[1:]):
+        chunks = r["text"].split("<insp_e>")
+        for i, (k, seg) in enumerate(zip(r.get("inspected", []), chunks[1:])):
             gen = parse_aligned_check(phase3_text(seg))
             parsed.append(gen is not None)
             if gen is None:
                 continue
             consistent += [(word == "same") == (a == b) for pairs in gen["objects"].values() for a, b, word in pairs or []]
-            for key, v in check_steps(parse_aligned_check(aligned_check(it.target, it.scenes[k - 1])), gen).items():
+            ref = parse_aligned_check(aligned_check(it.target, it.scenes[k - 1]))
+            for key, v in check_steps(ref, gen).items():
                 steps[key] += v
+            before = "<insp_e>".join(chunks[: i + 1]).rpartition("ideal :")[2]  # the nearest ideal theta wrote
+            mine = parse_caption(re.split(r"eliminate :|keep :|<insp_s>|</think>", before)[0])
+            for shape, pairs in ref["objects"].items():
+                for j, ((a, b, _), (ga, gb, _)) in enumerate(zip(pairs or [], gen["objects"].get(shape) or [])):
+                    if a == b or shape not in mine:
+                        continue
+                    o = mine[shape][j]
+                    own["own_is_target"].append(o == b)
+                    own["own_is_candidate"].append(o == a)
+                    own["followed_own"].append(gb == o)
+                    if o == b:
+                        own["looked_up_own_right"].append(gb == b)
     if not any(parsed):
         return None
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     return {"parsed": mean(parsed), "n_differing": len(steps["read"]), **{k: mean(v) for k, v in steps.items()},
-            "consistent": mean(consistent)}
+            "consistent": mean(consistent), "n_own": len(own["own_is_target"]),
+            "n_own_right": len(own["looked_up_own_right"]), **{k: mean(v) for k, v in own.items()}}
 
 
 def format_diagnostics(d: dict) -> str:
@@ -3501,8 +3541,11 @@ def format_diagnostics(d: dict) -> str:
             + ("" if not d.get("aligned") else
                "\nphase 3 aligned checks, where candidate and target differ (of {n_differing} values): "
                "candidate's value read {read}, ideal's value looked up {looked_up}, copied from the "
-               "candidate's {copied}; same/different agrees with its two words {consistent}".format(
-                   **{k: f(v) if k != "n_differing" else v for k, v in d["aligned"].items()}))
+               "candidate's {copied}; same/different agrees with its two words {consistent}"
+               "\n  against theta's own ideal (of {n_own} values whose shape it names): its ideal holds the target's value "
+               "{own_is_target}, the candidate's {own_is_candidate}; the check writes its own ideal's value "
+               "{followed_own}; looked up where its ideal is right {looked_up_own_right} (of {n_own_right})".format(
+                   **{k: v if k.startswith("n_") else f(v) for k, v in d["aligned"].items()}))
             + ("" if not d.get("warmup_check") else
                "\nthe warm-up's own check, held-out pairs (match_accuracy: what theta kept of stage 0): says match on "
                "matches {on_match}, differs on one-change negatives {on_differs}".format(
@@ -3529,7 +3572,8 @@ def furthest_stage(cfg: Config) -> str:
 
 def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, verbose: bool = True,
              write: bool = True) -> dict:
-    """Evaluate a run on a split; writes <run_dir>/eval_<split>.json (schema in DESIGN.md section 9).
+    """Evaluate a run on a split; writes <run_dir>/eval_<split>.json (schema in DESIGN.md section 9) and,
+    for theta's stages, every trace to <run_dir>/traces_<stage>_<split>.jsonl.
     stage: coarse (phi alone) | sft | grpo (phi's top-K reranked by theta after that stage)."""
     split = split or cfg.split
     stage = stage or cfg.stage or furthest_stage(cfg)
@@ -3569,6 +3613,10 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
             out["diagnosis"]["warmup_check"] = {k: None if v != v else v for k, v in wc.items()}  # NaN is not JSON
     if write:
         atomic_write_text(Path(cfg.run_dir) / f"eval_{split}.json", json.dumps(out, indent=2))
+        if stage != "coarse":  # every trace theta wrote, for reading and for offline diagnostics
+            keys = ("qid", "task", "pick", "positives", "inspected", "N_ins", "format_ok", "errors", "text")
+            atomic_write_text(Path(cfg.run_dir) / f"traces_{stage}_{split}.jsonl",
+                              "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in res))
     if verbose:
         print(format_table(out))
         if "controls" in out:
@@ -3584,7 +3632,8 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
         if "diagnosis" in out:
             print(format_diagnostics(out["diagnosis"]))
         if write:
-            print(f"[eval] wrote {Path(cfg.run_dir) / f'eval_{split}.json'}")
+            print(f"[eval] wrote {Path(cfg.run_dir) / f'eval_{split}.json'}"
+                  + ("" if stage == "coarse" else f" and {Path(cfg.run_dir) / f'traces_{stage}_{split}.jsonl'}"))
     return out
 
 

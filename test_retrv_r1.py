@@ -652,6 +652,20 @@ def test_aligned_diagnostics_tell_reading_from_copying():
         d = R.aligned_diagnostics([it], res)
         assert d["n_differing"] == 1 and d["read"] == 1.0 and d["consistent"] == 1.0
         assert d["looked_up"] == looked and d["copied"] == copied
+    assert d["n_own"] == 0  # no ideal written: nothing to score against theta's own ideal
+    # Against the ideal theta wrote itself: a wrong ideal that holds the candidate's value makes the
+    # "copy" a faithful lookup; with the right ideal, copying is a failed lookup.
+    for ideal_color, text, want in (("green", copying, dict(own_is_target=0.0, own_is_candidate=1.0, followed_own=1.0,
+                                                              looked_up_own_right=None)),
+                                    ("red", copying, dict(own_is_target=1.0, own_is_candidate=0.0, followed_own=0.0,
+                                                          looked_up_own_right=0.0)),
+                                    ("red", honest, dict(own_is_target=1.0, followed_own=1.0, looked_up_own_right=1.0))):
+        ideal = f"a large {ideal_color} circle top left , a small blue star bottom right ."
+        assert R.parse_caption(ideal) == {"circle": (ideal_color, "large", "top left"), "star": ("blue", "small", "bottom right")}
+        res[0]["text"] = f"<think> ideal : {ideal} keep : 1 2 . <insp_s> 1 <insp_e> {text} </think> <answer> 1 </answer>"
+        d = R.aligned_diagnostics([it], res)
+        assert d["n_own"] == 1 and {k: d[k] for k in want} == want
+    assert R.parse_caption("a large red circle top left , a blue star , banana .") == {"circle": ("red", "large", "top left")}
     res[0]["text"] = "<think> <insp_s> 1 <insp_e> differs : the circle has color green not red . </think>"
     assert R.aligned_diagnostics([it], res) is None  # not the aligned format
 
@@ -1595,8 +1609,15 @@ def test_sft_replay_adds_the_warmup_loss_and_eval_reports_the_kept_check(world, 
         assert m["replay_loss"] > 0 and math.isfinite(m["replay_loss"]) and m["loss"] > m["replay_loss"]
     # step 0: the same traces and weights, so the loss is the plain loss plus the replay term
     assert replay[0]["loss"] == pytest.approx(plain[0]["loss"] + replay[0]["replay_loss"], rel=1e-4)
-    d = R.evaluate(_resume_cfg(world, tmp_path / "replay", **kw), split="val", stage="sft", verbose=False)["diagnosis"]
+    out = R.evaluate(_resume_cfg(world, tmp_path / "replay", **kw), split="val", stage="sft", verbose=False)
+    d = out["diagnosis"]
     assert 0 <= d["warmup_check"]["on_match"] <= 1 and 0 <= d["warmup_check"]["on_differs"] <= 1
+    # eval also writes every trace theta wrote, one JSON line per query, with what was scored
+    rows = [json.loads(x) for x in (tmp_path / "replay" / "traces_sft_val.jsonl").read_text().splitlines()]
+    wcfg, root = world
+    n_val = sum(len(ts) for ts in R.load_split(root, "val", R.parse_tasks(wcfg.tasks)))
+    assert len(rows) == n_val and all(isinstance(r["text"], str) and r["qid"] for r in rows)
+    assert sum(r["N_ins"] for r in rows) / len(rows) == pytest.approx(out["efficiency"]["inspections_per_query"])
 
 
 def test_partial_checkpoint_from_another_config_is_refused(world, tmp_path):
