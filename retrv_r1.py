@@ -173,6 +173,7 @@ class Config:
     text_heads: int = 4  # tiny: attention heads
     text_kv_heads: int = 2  # tiny: grouped-query KV heads
     text_mlp: int = 512  # tiny: MLP width
+    tie_embeddings: bool = False  # tiny: the LM head is the input embedding table (SmolLM2 / SmolVLM tie theirs)
     # --- stage 0: warm-up (section 9) -------------------------------------------------------
     warmup_steps: int = 600  # optimiser steps on captions + relation descriptions
     warmup_lr: float = 1e-3  # AdamW lr (2e-3 left shape at chance in the prototype)
@@ -475,7 +476,7 @@ def stage_done(cfg: Config, stage: str) -> bool:
 
 # fields that decide tensor shapes: a checkpoint made with other values cannot be loaded
 SHAPE_FIELDS = ("backbone", "vision_hidden", "vision_layers", "patch_size", "text_hidden", "text_layers",
-                "text_heads", "text_kv_heads", "text_mlp", "image_size", "ret_dim", "icm_heads", "icm_max_len")
+                "text_heads", "text_kv_heads", "text_mlp", "tie_embeddings", "image_size", "ret_dim", "icm_heads", "icm_max_len")
 
 
 def check_compatible(saved: dict, cfg: Config, where: str, keys=SHAPE_FIELDS) -> None:
@@ -1368,9 +1369,9 @@ def tiny_idefics3_config(cfg: Config, tok):
                          num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
                          num_key_value_heads=cfg.text_kv_heads, vocab_size=len(tok),
                          max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False),
+                         eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=cfg.tie_embeddings),
         scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False)
+        tie_word_embeddings=cfg.tie_embeddings)
 
 
 class Backbone(nn.Module):

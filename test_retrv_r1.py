@@ -1620,6 +1620,24 @@ def test_sft_replay_adds_the_warmup_loss_and_eval_reports_the_kept_check(world, 
     assert sum(r["N_ins"] for r in rows) / len(rows) == pytest.approx(out["efficiency"]["inspections_per_query"])
 
 
+def test_tied_embeddings_share_the_table_through_a_killed_and_resumed_warmup(world, tmp_path):
+    """--tie-embeddings: the LM head is the input embedding table, before and after a mid-stage resume
+    (safetensors drops the shared copy on save) and in the saved checkpoint; an untied run refuses it."""
+    kw = dict(stages="warmup", tie_embeddings=True)
+    R.train(_resume_cfg(world, tmp_path / "a", **kw), verbose=False)
+    R.train(_resume_cfg(world, tmp_path / "b", stop_after=3, **kw), verbose=False)  # killed after step 3
+    R.train(_resume_cfg(world, tmp_path / "b", **kw), verbose=False)
+    assert R.read_metrics(tmp_path / "a", "warmup") == R.read_metrics(tmp_path / "b", "warmup")
+    bb = R.load_backbone(str(tmp_path / "b" / "warmup"))
+    assert bb.lm_head.weight.data_ptr() == bb.text.get_input_embeddings().weight.data_ptr()
+    ref = R.load_backbone(str(tmp_path / "a" / "warmup"))
+    assert torch.equal(bb.lm_head.weight, ref.lm_head.weight)
+    untied = R.new_tiny_backbone(_resume_cfg(world, tmp_path / "c"))
+    assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in bb.parameters()) == bb.lm_head.weight.numel()
+    with pytest.raises(R.RetrvError, match=r"tie_embeddings=True \(checkpoint\) vs False \(now\)"):
+        R.train(_resume_cfg(world, tmp_path / "b", stages="warmup,retriever"), verbose=False)
+
+
 def test_partial_checkpoint_from_another_config_is_refused(world, tmp_path):
     R.train(_resume_cfg(world, tmp_path, stop_after=2), verbose=False)
     with pytest.raises(R.RetrvError, match=r"warmup_lr=0\.001 \(checkpoint\) vs 0\.002 \(now\)"):
