@@ -474,7 +474,8 @@ def stage_done(cfg: Config, stage: str) -> bool:
     return (Path(cfg.run_dir) / stage / "state.json").exists()
 
 
-# fields that decide tensor shapes: a checkpoint made with other values cannot be loaded
+# fields that decide tensor shapes (or, tie_embeddings, which tensors exist): a checkpoint made with
+# other values cannot be loaded
 SHAPE_FIELDS = ("backbone", "vision_hidden", "vision_layers", "patch_size", "text_hidden", "text_layers",
                 "text_heads", "text_kv_heads", "text_mlp", "tie_embeddings", "image_size", "ret_dim", "icm_heads", "icm_max_len")
 
