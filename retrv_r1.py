@@ -185,6 +185,7 @@ class Config:
     warmup_match_frac: float = 0.0  # > 0: share of relation sequences whose candidate IS the target (0: 1 in 4, drawn)
     warmup_scramble_frac: float = 0.0  # share of relation candidates replaced by the target with every colour, size and cell redrawn
     warmup_probe: float = 0.0  # weight of the attribute-probe loss on the visual tokens (0 = off; warm-up only)
+    warmup_copy_steps: int = 0  # the first N of warmup_steps are words-only copies: text query -> "ideal :" its caption
     # --- coarse retriever phi (section 5) ---------------------------------------------------
     ret_steps: int = 400  # InfoNCE steps
     ret_lr: float = 5e-4  # AdamW lr
@@ -322,6 +323,9 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
         cfg.data_root = default_data_root(cfg)
     if cfg.K < 1:
         raise RetrvError(f"--K must be >= 1 (got {cfg.K})")
+    if not 0 <= cfg.warmup_copy_steps <= cfg.warmup_steps:
+        raise RetrvError(f"--warmup-copy-steps must be between 0 and --warmup-steps {cfg.warmup_steps} "
+                         f"(got {cfg.warmup_copy_steps}); the copy steps are part of the warm-up's steps")
     for f in fields(Config):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
@@ -2365,12 +2369,18 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 # colours and shapes to them, even when the query IS the caption (README, "Diagnosis"). Training it
 # here raised the teacher-forced accuracy (0.67 -> 0.86) but not the copy theta writes on its own,
 # so it is off by default -- a starting point for the exercise in notebook 03.
+#   copy:      caption(target) "ideal :" -> the same caption (words only; the first --warmup-copy-steps)
+# Why offer "copy": a text query's ideal (task 0) is a word-for-word copy, yet after the mixed warm-up
+# theta's shape words in it are at chance (teacher-forced 0.17, colour 1.00). On words alone a fresh
+# LM learns that copy late, in a jump (shape 0.17 -> 1.00 between steps 150 and 250), and an image
+# mix delays it (README, "theta cannot copy a shape word from a text query"). A copy phase first
+# asks whether a copy learned early survives the image steps after it. Off by default.
 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match_frac: float = 0.0,
                    rel_format: str = "sentence", scramble_frac: float = 0.0, structure: str = "star",
                    wrap: str = "plain") -> tuple[list, list]:
-    """One warm-up sequence (kind: caption | relation | ideal | check) as (segments, images); an image is
+    """One warm-up sequence (kind: caption | relation | ideal | check | copy) as (segments, images); an image is
     (scene, jitter rng or None), rendered and embedded by warmup_batch. A relation's candidate is drawn
     from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac;
     with probability scramble_frac it is then replaced by scramble(target) (see there). `structure` is the
@@ -2383,9 +2393,12 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
         scene = random_scene(rng)
         return [("img", 0), ("ids", bb.ids("caption :"), False), ("ids", bb.ids(caption(scene)) + [bb.tid("<eos>")], True)], \
             [(scene, None)]
-    task = rng.choice([0, 3, 4, 7])
+    task = 0 if kind == "copy" else rng.choice([0, 3, 4, 7])
     g = make_group(task, rng, 3, structure)
     q = g["query"]
+    if kind == "copy":  # words only: a text query (task 0: the target's caption) -> "ideal :" the same caption
+        return [("ids", bb.ids(q["txt"]), False), ("ids", bb.ids("ideal :"), False),
+                ("ids", bb.ids(caption(q["target"])) + [bb.tid("<eos>")], True)], []
     if match_frac > 0:
         cand = g["pos"] if rng.random() < match_frac else rng.choice(g["negs"])
     else:
@@ -2433,10 +2446,11 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, ch
 
 def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
                  match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0, scramble_frac: float = 0.0,
-                 structure: str = "star", wrap: str = "plain"):
-    """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes)."""
-    examples = [warmup_example(bb, rng, warmup_kind(rng, rel_frac, ideal_frac, check_frac), size, match_frac, rel_format,
-                               scramble_frac, structure, wrap) for _ in range(n)]
+                 structure: str = "star", wrap: str = "plain", kind: str | None = None):
+    """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes).
+    kind: every sequence of that kind (the copy phase: kind="copy") instead of drawing each one's kind."""
+    examples = [warmup_example(bb, rng, kind or warmup_kind(rng, rel_frac, ideal_frac, check_frac), size, match_frac,
+                               rel_format, scramble_frac, structure, wrap) for _ in range(n)]
     rows, vis, scenes = warmup_rows(bb, examples, size)
     return (*lm_batch(bb, rows), (vis, scenes))
 
@@ -2494,13 +2508,16 @@ class AttributeProbe(nn.Module):
 
 @torch.no_grad()
 def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: float = 0.0,
-                     ideal_frac: float = 0.0, rel_format: str = "sentence", structure: str = "star") -> dict:
+                     ideal_frac: float = 0.0, rel_format: str = "sentence", structure: str = "star",
+                     kind: str | None = None) -> dict:
     """Teacher-forced token accuracy on held-out scenes (a seed stream training never uses),
-    overall and per attribute word (shape / color / size / position)."""
+    overall and per attribute word (shape / color / size / position). kind="copy": on text queries'
+    ideals (task 0), which are word-for-word copies (the same tokens theta predicts after a text query's
+    "ideal :" in any relation format, since the LM is causal)."""
     bb.eval()
     rng = random.Random(seed)
     x, mask, labels, _ = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac, rel_format=rel_format,
-                                      structure=structure)
+                                      structure=structure, kind=kind)
     _, pred, valid = lm_loss(bb, x, mask, labels)
     tgt = labels[:, 1:]
     ok = (pred == tgt) & valid
@@ -2582,9 +2599,10 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
             x, mask, labels, (vis, scenes) = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac,
                                                           cfg.image_size, cfg.warmup_ideal_frac, cfg.warmup_match_frac,
                                                           cfg.relation_format, cfg.warmup_check_frac,
-                                                          cfg.warmup_scramble_frac, cfg.neg_structure)
+                                                          cfg.warmup_scramble_frac, cfg.neg_structure,
+                                                          kind="copy" if step < cfg.warmup_copy_steps else None)
             loss, pred, valid = lm_loss(bb, x, mask, labels)
-            if probe is not None:
+            if probe is not None and vis is not None:
                 probe_loss, probe_shape = probe.loss(vis, scenes)
                 loss = loss + cfg.warmup_probe * probe_loss
         check_finite(loss, "warmup", step)
@@ -2594,7 +2612,7 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         opt.step()
         sched.step()
         acc = ((pred == labels[:, 1:]) & valid).sum().item() / max(1, valid.sum().item())
-        extra = dict(probe_loss=probe_loss.item(), probe_shape_acc=probe_shape) if probe is not None else {}
+        extra = dict(probe_loss=probe_loss.item(), probe_shape_acc=probe_shape) if probe is not None and vis is not None else {}
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", **{k: f"{v:.2f}" for k, v in extra.items()})
         if step % cfg.log_every == 0 or step == cfg.warmup_steps - 1:
             log.log(step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0], **extra)
@@ -2605,8 +2623,10 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     held = caption_accuracy(bb)
     held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321, rel_format=cfg.relation_format, structure=ns)
     held_ideal = caption_accuracy(bb, ideal_frac=1.0, seed=98765, structure=ns)
+    held_copy = caption_accuracy(bb, seed=13579, kind="copy", structure=ns)
     held_match = match_accuracy(bb, rel_format=cfg.relation_format, structure=ns)
-    res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}, "ideal": held_ideal, "match": held_match}
+    res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}, "ideal": held_ideal, "copy": held_copy,
+           "match": held_match}
     with atomic_dir(Path(cfg.run_dir) / "warmup") as tmp:
         bb.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "warmup", cfg.warmup_steps, heldout=res), indent=2))
@@ -2615,7 +2635,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         print("[warmup] held-out caption token acc {token_acc:.3f} (shape {shape_acc:.2f}, color {color_acc:.2f}, "
               "size {size_acc:.2f}, position {position_acc:.2f})".format(**held)
               + f"; relation token acc {held_rel['token_acc']:.3f}; ideal (query -> target caption) token acc "
-              f"{held_ideal['token_acc']:.3f} (color {held_ideal['color_acc']:.2f}, shape {held_ideal['shape_acc']:.2f})"
+              f"{held_ideal['token_acc']:.3f} (color {held_ideal['color_acc']:.2f}, shape {held_ideal['shape_acc']:.2f}; "
+              f"of a text query, a copy: color {held_copy['color_acc']:.2f}, shape {held_copy['shape_acc']:.2f})"
               f"; verdict of a relation it writes itself (match_accuracy) right on matches {held_match['on_match']:.2f}, "
               f"on negatives {held_match['on_differs']:.2f}"
               + ("" if "copied" not in held_match else

@@ -574,6 +574,28 @@ def test_warmup_ideal_sequences_label_the_target_caption_and_keep_the_default_st
     assert 0.15 < mix.count("ideal") / 400 < 0.35 and "caption" in mix and "relation" in mix
 
 
+def test_warmup_copy_sequences_are_words_only_copies_of_a_text_query(small):
+    """--warmup-copy-steps: a copy sequence is a task-0 text query (its target's caption), then "ideal :"
+    and the same caption, labelled; a copy batch holds no image and labels only the copy."""
+    cfg, theta, emb, _ = small
+    bb = theta.bb
+    for seed in range(8):
+        segs, imgs = R.warmup_example(bb, random.Random(seed), "copy", 64)
+        assert imgs == [] and all(s[0] == "ids" for s in segs)
+        (q, _), (ideal, _), (copy, lab) = [(s[1], s[2]) for s in segs]
+        assert ideal == bb.ids("ideal :") and lab and copy == q + [bb.tid("<eos>")]
+        assert not segs[0][2] and not segs[1][2]
+    x, mask, labels, (vis, scenes) = R.warmup_batch(bb, random.Random(0), 6, 0.5, 64, kind="copy")
+    assert vis is None and scenes == []
+    n_lab = (labels != -100).sum(1)
+    assert all(n == len(bb.ids(R.caption(s))) + 1 for n, s in zip(n_lab.tolist(), [
+        R.make_group(0, r, 3)["query"]["target"] for r in [random.Random(0)] for _ in range(6)]))
+    ca = R.caption_accuracy(bb, n=8, kind="copy")  # the warm-up's held-out copy check
+    assert 0 <= ca["shape_acc"] <= 1 and 0 <= ca["token_acc"] <= 1 and ca["position_acc"] <= 1
+    with pytest.raises(R.RetrvError, match="--warmup-copy-steps must be between 0 and --warmup-steps 60"):
+        R.make_config("smoke", warmup_copy_steps=61)
+
+
 def test_warmup_match_frac_sets_the_share_of_matching_relations_and_match_accuracy_reads_the_first_word(small):
     cfg, theta, emb, _ = small
     bb = theta.bb
@@ -1636,6 +1658,29 @@ def test_tied_embeddings_share_the_table_through_a_killed_and_resumed_warmup(wor
     assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in bb.parameters()) == bb.lm_head.weight.numel()
     with pytest.raises(R.RetrvError, match=r"tie_embeddings=True \(checkpoint\) vs False \(now\)"):
         R.train(_resume_cfg(world, tmp_path / "b", stages="warmup,retriever"), verbose=False)
+
+
+def test_a_warmup_with_a_copy_phase_resumes_across_the_phase_boundary(world, tmp_path):
+    """The copy phase is decided by the step index, so a run killed inside it resumes to the same warm-up."""
+    kw = dict(stages="warmup", warmup_copy_steps=3)
+    R.train(_resume_cfg(world, tmp_path / "a", **kw), verbose=False)
+    R.train(_resume_cfg(world, tmp_path / "b", stop_after=2, **kw), verbose=False)  # killed inside the copy phase
+    R.train(_resume_cfg(world, tmp_path / "b", **kw), verbose=False)
+    ma = R.read_metrics(tmp_path / "a", "warmup")
+    assert ma == R.read_metrics(tmp_path / "b", "warmup") and len(ma) == 6
+    wa = R.load_backbone(str(tmp_path / "a" / "warmup")).state_dict()
+    wb = R.load_backbone(str(tmp_path / "b" / "warmup")).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # copy steps only: the vision tower gets no gradient and keeps its initial weights; the LM moves
+    cc = _resume_cfg(world, tmp_path / "c", stages="warmup", warmup_steps=3, warmup_copy_steps=3)
+    R.train(cc, verbose=False)
+    R.seed_everything(cc.seed)
+    fresh = R.new_tiny_backbone(cc).state_dict()
+    wc = R.load_backbone(str(tmp_path / "c" / "warmup")).state_dict()
+    vis_keys = [k for k in wc if "vision" in k]
+    assert vis_keys and all(torch.equal(wc[k], fresh[k]) for k in vis_keys)
+    assert any(not torch.equal(wc[k], fresh[k]) for k in wc if k not in vis_keys)
+    assert any(not torch.equal(wa[k], fresh[k]) for k in vis_keys)  # the 3 image steps after the copies do move it
 
 
 def test_partial_checkpoint_from_another_config_is_refused(world, tmp_path):
