@@ -65,7 +65,10 @@ Deviations from the paper
   --warmup-scramble-frac (relation candidates with every attribute redrawn, against the copy
   shortcut of phase 3: README, "the aligned configuration end to end"), and --caption-order shape
   (a world whose captions put the shape first, so that phase 3's lookup reads on from the shape:
-  faster on words only, no better with images -- README, "Shape-first captions").
+  faster on words only, no better with images -- README, "Shape-first captions"), and
+  --warmup-copy-steps (a words-only phase that copies text queries into "ideal :" first: it fixes
+  phase 1's copy of a text query, and the check then copies the ideal instead of the candidate --
+  README, "theta cannot copy a shape word").
 * Data: a synthetic world of coloured shapes on a 3x3 grid written in the M-BEIR layout (task
   ids 0, 3, 4, 7), with one-change hard negatives (--neg-structure star, the default: the target
   is the hub of its negatives, a query-blind shortcut) or the 16 corners of a 4-cube of
@@ -186,6 +189,7 @@ class Config:
     warmup_scramble_frac: float = 0.0  # share of relation candidates replaced by the target with every colour, size and cell redrawn
     warmup_probe: float = 0.0  # weight of the attribute-probe loss on the visual tokens (0 = off; warm-up only)
     warmup_copy_steps: int = 0  # the first N of warmup_steps are words-only copies: text query -> "ideal :" its caption
+    warmup_copy_check_frac: float = 0.0  # share of words-only check sequences among the copy steps' (the rest: copies)
     # --- coarse retriever phi (section 5) ---------------------------------------------------
     ret_steps: int = 400  # InfoNCE steps
     ret_lr: float = 5e-4  # AdamW lr
@@ -2370,6 +2374,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 # here raised the teacher-forced accuracy (0.67 -> 0.86) but not the copy theta writes on its own,
 # so it is off by default -- a starting point for the exercise in notebook 03.
 #   copy:      caption(target) "ideal :" -> the same caption (words only; the first --warmup-copy-steps)
+#              (--warmup-copy-check-frac f: a share f of the copy steps' sequences are words-only checks)
 # Why offer "copy": a text query's ideal (task 0) is a word-for-word copy, yet after the mixed warm-up
 # theta's shape words in it are at chance (teacher-forced 0.17, colour 1.00). On words alone a fresh
 # LM learns that copy late, in a jump (shape 0.17 -> 1.00 between steps 150 and 250), and an image
@@ -2446,11 +2451,16 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, ch
 
 def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
                  match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0, scramble_frac: float = 0.0,
-                 structure: str = "star", wrap: str = "plain", kind: str | None = None):
+                 structure: str = "star", wrap: str = "plain", kind: str | None = None, copy_check_frac: float = 0.0):
     """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes).
-    kind: every sequence of that kind (the copy phase: kind="copy") instead of drawing each one's kind."""
-    examples = [warmup_example(bb, rng, kind or warmup_kind(rng, rel_frac, ideal_frac, check_frac), size, match_frac,
-                               rel_format, scramble_frac, structure, wrap) for _ in range(n)]
+    kind: every sequence of that kind (the copy phase: kind="copy") instead of drawing each one's kind;
+    with kind="copy", a share copy_check_frac of them are words-only checks instead."""
+    def pick() -> str:
+        if kind == "copy" and copy_check_frac > 0 and rng.random() < copy_check_frac:
+            return "check"
+        return kind or warmup_kind(rng, rel_frac, ideal_frac, check_frac)
+    examples = [warmup_example(bb, rng, pick(), size, match_frac, rel_format, scramble_frac, structure, wrap)
+                for _ in range(n)]
     rows, vis, scenes = warmup_rows(bb, examples, size)
     return (*lm_batch(bb, rows), (vis, scenes))
 
@@ -2600,7 +2610,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
                                                           cfg.image_size, cfg.warmup_ideal_frac, cfg.warmup_match_frac,
                                                           cfg.relation_format, cfg.warmup_check_frac,
                                                           cfg.warmup_scramble_frac, cfg.neg_structure,
-                                                          kind="copy" if step < cfg.warmup_copy_steps else None)
+                                                          kind="copy" if step < cfg.warmup_copy_steps else None,
+                                                          copy_check_frac=cfg.warmup_copy_check_frac)
             loss, pred, valid = lm_loss(bb, x, mask, labels)
             if probe is not None and vis is not None:
                 probe_loss, probe_shape = probe.loss(vis, scenes)
