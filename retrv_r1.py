@@ -67,8 +67,9 @@ Deviations from the paper
   (a world whose captions put the shape first, so that phase 3's lookup reads on from the shape:
   faster on words only, no better with images -- README, "Shape-first captions"), and
   --warmup-copy-steps (a words-only phase that copies text queries into "ideal :" first: it fixes
-  phase 1's copy of a text query, and the check then copies the ideal instead of the candidate --
-  README, "theta cannot copy a shape word").
+  phase 1's copy of a text query, and the check then copies the ideal instead of the candidate;
+  --warmup-copy-check-frac mixes words-only checks into that phase: the best warm-up check so far,
+  which SFT then forgets -- README, "theta cannot copy a shape word").
 * Data: a synthetic world of coloured shapes on a 3x3 grid written in the M-BEIR layout (task
   ids 0, 3, 4, 7), with one-change hard negatives (--neg-structure star, the default: the target
   is the hub of its negatives, a query-blind shortcut) or the 16 corners of a 4-cube of
