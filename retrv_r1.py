@@ -331,6 +331,8 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
     if not 0 <= cfg.warmup_copy_steps <= cfg.warmup_steps:
         raise RetrvError(f"--warmup-copy-steps must be between 0 and --warmup-steps {cfg.warmup_steps} "
                          f"(got {cfg.warmup_copy_steps}); the copy steps are part of the warm-up's steps")
+    if not 0 <= cfg.warmup_copy_check_frac <= 1:
+        raise RetrvError(f"--warmup-copy-check-frac is a share, between 0 and 1 (got {cfg.warmup_copy_check_frac})")
     for f in fields(Config):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):

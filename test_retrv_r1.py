@@ -600,6 +600,8 @@ def test_warmup_copy_sequences_are_words_only_copies_of_a_text_query(small):
     assert 0 <= ca["shape_acc"] <= 1 and 0 <= ca["token_acc"] <= 1 and ca["position_acc"] <= 1
     with pytest.raises(R.RetrvError, match="--warmup-copy-steps must be between 0 and --warmup-steps 60"):
         R.make_config("smoke", warmup_copy_steps=61)
+    with pytest.raises(R.RetrvError, match="--warmup-copy-check-frac is a share, between 0 and 1"):
+        R.make_config("smoke", warmup_copy_check_frac=1.5)
 
 
 def test_warmup_match_frac_sets_the_share_of_matching_relations_and_match_accuracy_reads_the_first_word(small):
