@@ -591,11 +591,11 @@ def test_warmup_copy_sequences_are_words_only_copies_of_a_text_query(small):
     assert all(n == len(bb.ids(R.caption(s))) + 1 for n, s in zip(n_lab.tolist(), [
         R.make_group(0, r, 3)["query"]["target"] for r in [random.Random(0)] for _ in range(6)]))
     # --warmup-copy-check-frac: some of the copy phase's sequences are the words-only check instead
-    mixed = [R.warmup_example(bb, random.Random(9), k, 64)[0] for k in ("copy", "check")]
+    check_segs, _ = R.warmup_example(bb, random.Random(9), "check", 64)
     x2, _, labels2, (vis2, _) = R.warmup_batch(bb, random.Random(5), 40, 0.5, 64, kind="copy", copy_check_frac=0.5)
     verdicts = {bb.tid("match"), bb.tid("differs")}  # a check labels its relation, which opens with the verdict
     n_check = sum(bool(verdicts & set(row.tolist())) for row in labels2)
-    assert vis2 is None and 10 <= n_check <= 30 and len(mixed[1]) == 6
+    assert vis2 is None and 10 <= n_check <= 30 and len(check_segs) == 6
     ca = R.caption_accuracy(bb, n=8, kind="copy")  # the warm-up's held-out copy check
     assert 0 <= ca["shape_acc"] <= 1 and 0 <= ca["token_acc"] <= 1 and ca["position_acc"] <= 1
     with pytest.raises(R.RetrvError, match="--warmup-copy-steps must be between 0 and --warmup-steps 60"):
