@@ -347,11 +347,58 @@ def default_data_root(cfg: Config) -> str:
     return f"data/synthetic-{cfg.world}" + ("" if cfg.caption_order == "attr" else f"-{cfg.caption_order}")
 
 
-def config_from_args(argv: list[str] | None = None) -> tuple[str, Config]:
+def config_from_args(argv: list[str] | None = None, verbose: bool = True) -> tuple[str, Config]:
+    """CLI -> (command, Config). Every command but `data` starts from the run's own config.json when
+    --run-dir (default runs/<preset>) already holds one; the flags given on the command line override it."""
     args = vars(build_argparser().parse_args(argv))
     cmd = args.pop("command")
-    preset = args.pop("preset") or "tiny"
-    return cmd, make_config(preset, **args)
+    given = {k: v for k, v in args.items() if v is not None}
+    cfg = make_config(given.get("preset", "tiny"), **{k: v for k, v in given.items() if k != "preset"})
+    return cmd, (cfg if cmd == "data" else with_run_config(cfg, given, verbose))
+
+
+# fields a run's config.json does not decide: where to read and write, how to run, what to evaluate
+# (data_root and preset are not among them: a run trained on another M-BEIR root is evaluated there by
+# default, and a run keeps the name of the preset it was made with)
+_PER_CALL_FIELDS = _RUNTIME_FIELDS - {"data_root", "preset"}
+
+
+def with_run_config(cfg: Config, given: dict, verbose: bool = True) -> Config:
+    """The run's saved settings, then the flags given now. Why: `eval --run-dir runs/x` must score the
+    model with the settings it was trained with (--max-new, --relation-format, --K ...), not the preset's
+    defaults -- a forgotten flag would otherwise give a silently different number. Prints what it took."""
+    path = Path(cfg.run_dir) / "config.json"
+    if not path.exists():
+        return cfg
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise RetrvError(f"{path} is unreadable ({e}); fix or delete it (the run's weights do not need it)") from None
+    types = {f.name: _field_type(f) for f in fields(Config)}
+    kw = {}
+    for k, v in saved.items():
+        if k not in types or k in _PER_CALL_FIELDS or k in given:
+            continue  # a field of an older version, a per-call field, or one the command line sets
+        ok = isinstance(v, types[k]) and not (types[k] is int and isinstance(v, bool))
+        if types[k] is float and isinstance(v, int) and not isinstance(v, bool):
+            v, ok = float(v), True
+        if not ok:
+            raise RetrvError(f"{path}: field {k!r} should be {types[k].__name__}, got {v!r}")
+        kw[k] = v
+    out = dataclasses.replace(cfg, **kw)
+    if "data_root" not in given and "data_root" not in kw:
+        out.data_root = default_data_root(out)  # an older config.json without data_root: follow its world
+    try:
+        out = make_config(out.preset, **{f.name: getattr(out, f.name) for f in fields(Config) if f.name != "preset"})
+    except RetrvError as e:
+        raise RetrvError(f"{path}: {e}") from None
+    diff = [f"{f.name}={getattr(out, f.name)!r}" for f in fields(Config)
+            if f.name not in given and getattr(out, f.name) != getattr(cfg, f.name)]
+    if verbose and diff:
+        print(f"[config] {path}: the run's settings ({', '.join(diff)}); flags given now override them")
+    return out
 
 
 # =============================================================================================
@@ -2388,14 +2435,15 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match_frac: float = 0.0,
                    rel_format: str = "sentence", scramble_frac: float = 0.0, structure: str = "star",
-                   wrap: str = "plain") -> tuple[list, list]:
+                   wrap: str = "plain", K: int = 8) -> tuple[list, list]:
     """One warm-up sequence (kind: caption | relation | ideal | check | copy) as (segments, images); an image is
     (scene, jitter rng or None), rendered and embedded by warmup_batch. A relation's candidate is drawn
     from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac;
     with probability scramble_frac it is then replaced by scramble(target) (see there). `structure` is the
     world's --neg-structure: a cube world's warm-up sees its 1-2-change negatives ("many changes").
     wrap "trace" (SFT replay, --sft-replay-wrap): a relation's candidate comes in the trace's own tokens,
-    '<insp_s> k <insp_e> <full>' T_c '</full> relation :', instead of 'candidate :' T_c 'relation :'."""
+    '<insp_s> k <insp_e> <full>' T_c '</full> relation :' (k drawn from 1..K, the run's rerank depth),
+    instead of 'candidate :' T_c 'relation :'."""
     if wrap not in ("plain", "trace"):
         raise RetrvError(f"--sft-replay-wrap must be plain or trace (got {wrap!r})")
     if kind == "caption":
@@ -2432,7 +2480,7 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
         segs.append(("ids", bb.ids("ideal :"), False))
         segs.append(("ids", bb.ids(caption(q["target"])) + [bb.tid("<eos>")], True))
         return segs, imgs
-    segs.append(("ids", bb.ids(f"<insp_s> {rng.randint(1, 8)} <insp_e> <full>" if wrap == "trace" else "candidate :"), False))
+    segs.append(("ids", bb.ids(f"<insp_s> {rng.randint(1, K)} <insp_e> <full>" if wrap == "trace" else "candidate :"), False))
     if cand["modality"] == "text":
         segs.append(("ids", bb.ids(caption(cand["scene"])), False))
     else:
@@ -2455,7 +2503,8 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, ch
 
 def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
                  match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0, scramble_frac: float = 0.0,
-                 structure: str = "star", wrap: str = "plain", kind: str | None = None, copy_check_frac: float = 0.0):
+                 structure: str = "star", wrap: str = "plain", kind: str | None = None, copy_check_frac: float = 0.0,
+                 K: int = 8):
     """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes).
     kind: every sequence of that kind (the copy phase: kind="copy") instead of drawing each one's kind;
     with kind="copy", a share copy_check_frac of them are words-only checks instead."""
@@ -2463,7 +2512,7 @@ def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size
         if kind == "copy" and copy_check_frac > 0 and rng.random() < copy_check_frac:
             return "check"
         return kind or warmup_kind(rng, rel_frac, ideal_frac, check_frac)
-    examples = [warmup_example(bb, rng, pick(), size, match_frac, rel_format, scramble_frac, structure, wrap)
+    examples = [warmup_example(bb, rng, pick(), size, match_frac, rel_format, scramble_frac, structure, wrap, K)
                 for _ in range(n)]
     rows, vis, scenes = warmup_rows(bb, examples, size)
     return (*lm_batch(bb, rows), (vis, scenes))
@@ -3165,7 +3214,7 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
             if cfg.sft_replay > 0:  # L = L_SFT + L_LM(warm-up relation sequences)
                 x, mask, labels, _ = warmup_batch(theta.bb, rng, cfg.sft_replay, 1.0, theta.bb.image_size,
                                                   rel_format=cfg.relation_format, structure=cfg.neg_structure,
-                                                  wrap=cfg.sft_replay_wrap)
+                                                  wrap=cfg.sft_replay_wrap, K=cfg.K)
                 replay, _, _ = lm_loss(theta.bb, x, mask, labels)
                 loss, st = loss + replay, dict(st, replay_loss=replay.item())
         check_finite(loss, "sft", step)

@@ -56,6 +56,41 @@ def test_argparse_is_generated_from_every_config_field():
     assert cmd == "train" and cfg.warmup_steps == 7 and cfg.deterministic is False and cfg.run_dir == "runs/smoke"
 
 
+def test_cli_starts_from_the_runs_own_config_and_flags_given_override_it(tmp_path):
+    run = tmp_path / "al"
+    made = R.make_config("aligned", run_dir=str(run), max_new=384, cot_restate=True, K=6)
+    run.mkdir()
+    R.save_config(made)
+    for cmd in ("eval", "demo", "bench", "train"):  # no flags but the run dir: the run's own settings
+        _, cfg = R.config_from_args([cmd, "--run-dir", str(run)], verbose=False)
+        assert (cfg.preset, cfg.relation_format, cfg.max_new, cfg.cot_restate, cfg.K) == ("aligned", "aligned", 384, True, 6)
+        assert cfg.split == "test" and cfg.stage == ""  # per-call fields are not the run's
+    _, cfg = R.config_from_args(["eval", "--run-dir", str(run), "--max-new", "64", "--no-cot-restate", "--split", "val"],
+                                verbose=False)
+    assert (cfg.max_new, cfg.cot_restate, cfg.relation_format, cfg.split) == (64, False, "aligned", "val")
+    _, cfg = R.config_from_args(["data", "--run-dir", str(run)], verbose=False)
+    assert cfg.max_new == 128 and cfg.relation_format == "sentence"  # `data` only writes a world
+    _, cfg = R.config_from_args(["eval", "--run-dir", str(tmp_path / "fresh")], verbose=False)
+    assert cfg.max_new == 128 and cfg.preset == "tiny"  # no config.json: the preset's defaults
+
+
+def test_a_runs_config_json_that_is_old_or_bad_gets_a_clear_answer(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    f = run / "config.json"
+    f.write_text(json.dumps({"world": "tinycube", "neg_structure": "cube", "retired_field": 3}))  # older version
+    _, cfg = R.config_from_args(["eval", "--run-dir", str(run)], verbose=False)
+    assert cfg.neg_structure == "cube" and cfg.data_root == "data/synthetic-tinycube"
+    f.write_text(json.dumps({"max_new": "lots"}))
+    with pytest.raises(R.RetrvError, match=r"config\.json: field 'max_new' should be int"):
+        R.config_from_args(["eval", "--run-dir", str(run)], verbose=False)
+    f.write_text('{"max_new": 12')
+    with pytest.raises(R.RetrvError, match=r"config\.json is unreadable"):
+        R.config_from_args(["eval", "--run-dir", str(run)], verbose=False)
+    f.write_text(json.dumps({"K": 0}))
+    assert R.main(["eval", "--run-dir", str(run)]) == 2  # the saved value is validated like a flag
+
+
 def test_unknown_preset_and_field_are_clear_errors():
     with pytest.raises(R.RetrvError, match="unknown preset"):
         R.make_config("huge")
@@ -763,6 +798,11 @@ def test_replay_in_the_trace_layout_wraps_the_candidate_like_a_splice(small):
         assert re.fullmatch(r"<insp_s> [1-8] <insp_e> <full>", tt[i]) and "</full> relation :" in tt[i + 1:]
         assert [s[1] for s in plain if s[0] == "ids" and s[2]] == [s[1] for s in trace if s[0] == "ids" and s[2]]
         assert [sc for sc, _ in im_p] == [sc for sc, _ in im_t]  # the same scenes, only the wrapping changes
+    ks = set()
+    for seed in range(40):
+        segs, _ = R.warmup_example(bb, random.Random(seed), "relation", 64, 0.0, "aligned", wrap="trace", K=3)
+        ks |= {bb.tok.decode(s[1]).split()[1] for s in segs if s[0] == "ids" and bb.tok.decode(s[1]).startswith("<insp_s>")}
+    assert ks == {"1", "2", "3"}  # k is drawn from the run's 1..K
     with pytest.raises(R.RetrvError, match="sft-replay-wrap must be plain or trace"):
         R.warmup_example(bb, random.Random(0), "relation", 64, 0.0, "aligned", wrap="bogus")
 
