@@ -376,6 +376,9 @@ def with_run_config(cfg: Config, given: dict, verbose: bool = True) -> Config:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise RetrvError(f"{path} is unreadable ({e}); fix or delete it (the run's weights do not need it)") from None
+    if "preset" in given and saved.get("preset", given["preset"]) != given["preset"]:
+        raise RetrvError(f"{cfg.run_dir} was made with --preset {saved['preset']}, not {given['preset']}: drop "
+                         f"--preset to use the run's settings, or pass another --run-dir for a {given['preset']} run")
     types = {f.name: _field_type(f) for f in fields(Config)}
     kw = {}
     for k, v in saved.items():
@@ -3950,7 +3953,7 @@ def icm_cost(theta: Reasoner, emb: Embedder, items_for, dev, dt, Ks=(4, 8, 16, 3
 
 
 def bench(cfg: Config, verbose: bool = True) -> dict:
-    """Speed and memory figures (DESIGN.md section 9); writes <run_dir>/bench.json.
+    """Speed and memory figures (DESIGN.md section 9); writes <run_dir>/bench.json and bench.md.
 
     Uses the run's furthest theta (or an untrained tiny one if none: speed does not depend on
     training). Every figure is a median over repeats after one warm-up call."""
@@ -4005,9 +4008,10 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
     else:
         res["smoke_train_s"] = None
     atomic_write_text(Path(cfg.run_dir) / "bench.json", json.dumps(res, indent=2))
+    atomic_write_text(Path(cfg.run_dir) / "bench.md", format_bench(res) + "\n")
     if verbose:
         print(format_bench(res))
-        print(f"[bench] wrote {Path(cfg.run_dir) / 'bench.json'}")
+        print(f"[bench] wrote {Path(cfg.run_dir) / 'bench.json'} and {Path(cfg.run_dir) / 'bench.md'}")
     return res
 
 

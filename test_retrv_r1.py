@@ -68,6 +68,10 @@ def test_cli_starts_from_the_runs_own_config_and_flags_given_override_it(tmp_pat
     _, cfg = R.config_from_args(["eval", "--run-dir", str(run), "--max-new", "64", "--no-cot-restate", "--split", "val"],
                                 verbose=False)
     assert (cfg.max_new, cfg.cot_restate, cfg.relation_format, cfg.split) == (64, False, "aligned", "val")
+    _, cfg = R.config_from_args(["eval", "--preset", "aligned", "--run-dir", str(run)], verbose=False)
+    assert cfg.max_new == 384  # naming the run's own preset changes nothing
+    with pytest.raises(R.RetrvError, match="was made with --preset aligned, not smoke"):
+        R.config_from_args(["eval", "--preset", "smoke", "--run-dir", str(run)], verbose=False)
     _, cfg = R.config_from_args(["data", "--run-dir", str(run)], verbose=False)
     assert cfg.max_new == 128 and cfg.relation_format == "sentence"  # `data` only writes a world
     _, cfg = R.config_from_args(["eval", "--run-dir", str(tmp_path / "fresh")], verbose=False)
@@ -333,6 +337,18 @@ def test_bench_rejects_bad_rerank_depths_before_any_work(tmp_path, ks):
     with pytest.raises(R.RetrvError, match="bench-ks"):
         R.bench(cfg, verbose=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_writes_its_json_and_markdown(world, tmp_path):
+    cfg, root = world
+    cfg = dataclasses.replace(cfg, data_root=str(root), run_dir=str(tmp_path / "b"), bench_parts="icm",
+                              bench_ks="2,4", rerank_batch=2, bench_smoke=False, vision_layers=1, text_layers=1)
+    res = R.bench(cfg, verbose=False)  # no trained theta in the run dir: an untrained one (speed only)
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["theta_stage"] == "untrained"
+    assert md.strip() == R.format_bench(res) and "| 4 |" in md and "| 2 |" in md
+    for K in ("2", "4"):  # four context tokens per candidate fewer is the ICM's whole point
+        assert res["context_tokens"]["icm"][K] < res["context_tokens"]["full"][K]
 
 
 def test_format_bench_leaves_out_parts_not_measured():
