@@ -244,10 +244,14 @@ class Config:
     # --- reranking / evaluation (section 13) ------------------------------------------------
     K: int = 8  # rerank depth: phi's top-K go to theta (paper: K = 50)
     split: str = "test"  # eval: val | test
-    stage: str = ""  # eval: coarse | sft | grpo ("" -> the furthest trained)
+    stage: str = ""  # eval: coarse | sft | grpo | probe ("" -> the furthest trained; probe: see cross_encoder_probe)
     eval_batch: int = 256  # items per embedding batch
     rerank_batch: int = 32  # queries theta reranks at once
     qid: str = ""  # demo: which query
+    probe_steps: int = 400  # eval --stage probe: steps of the cross-encoder probe (a diagnostic, not the paper)
+    probe_lr: float = 5e-4  # eval --stage probe: AdamW lr of the probe (LM + linear head; vision frozen)
+    probe_batch: int = 8  # eval --stage probe: queries per step (x K scored pairs)
+    probe_lists: str = "phi"  # eval --stage probe: phi (phi's top-K) | easy (the positive + K-1 candidates of other queries)
     bench_smoke: bool = True  # bench: also time `train --preset smoke` in a temp dir
     bench_parts: str = "sampler,icm,steps"  # bench: which figures (sampler: throughput | icm: ICM vs full tokens | steps: SFT/GRPO step times)
     bench_ks: str = "4,8,16,32"  # bench: the rerank depths K at which ICM and full tokens are timed
@@ -285,7 +289,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # fields that may change between a run and its resumption without changing what is computed
 _RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "split", "stage",
-                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "bench_ks", "rows"}
+                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "bench_ks", "rows",
+                   "probe_steps", "probe_lr", "probe_batch", "probe_lists"}
 
 
 class RetrvError(Exception):
@@ -3643,6 +3648,137 @@ def format_diagnostics(d: dict) -> str:
                    **{k: f(v) for k, v in d["warmup_check"].items()})))
 
 
+# ---- a cross-encoder probe: can this backbone tell phi's candidates apart at all? ---------------
+#
+#   s(q, c) = w . h_last( LM([T_q ; "candidate :" ; T_c ; "relation :"]) )
+#   L = -log softmax_k s(q, c_k)[k = positive]          over phi's top-K of one train query
+# Not part of the paper: a diagnostic (`eval --stage probe`). Every theta above must compare a query
+# with its candidates inside the LM's attention. The probe asks that question with everything else
+# taken away -- no generation, no ICM, no rank prior (each pair is scored alone, so phi's order is
+# invisible): trained directly to pick the positive, does the LM learn the comparison? The head starts
+# as the LM's own verdict logit, "match" minus "differs" (step 0 is zero-shot). --probe-lists easy
+# replaces the K-1 negatives by candidates of other queries of the same task: the sanity check that
+# the probe learns when the comparison is coarse.
+
+
+def easy_lists(items: list[RerankItem], rng: random.Random) -> list[RerankItem]:
+    """Each item with a positive -> its first positive at a random place among K-1 candidates drawn from
+    other queries' top-K of the same task (other scene groups; a sanity check for the probe)."""
+    keep = [it for it in items if it.positives]
+    by_task: dict[str, list[RerankItem]] = {}
+    for it in keep:
+        by_task.setdefault(it.task, []).append(it)
+    out = []
+    for it in keep:
+        K = len(it.cands)
+        others = [o for o in by_task[it.task] if o.qid != it.qid]
+        if len(others) < K - 1:
+            raise RetrvError(f"--probe-lists easy needs at least {K} queries of task {it.task} (got {len(others) + 1})")
+        picks = [(o, rng.randrange(K)) for o in rng.sample(others, K - 1)]
+        k = rng.randrange(K)
+        p = it.positives[0] - 1
+        cands = [o.cands[j] for o, j in picks]
+        scenes = [o.scenes[j] for o, j in picks]
+        out.append(dataclasses.replace(it, cands=cands[:k] + [it.cands[p]] + cands[k:], positives=[k + 1],
+                                       scenes=scenes[:k] + [it.scenes[p]] + scenes[k:], rows=[]))
+    return out
+
+
+def probe_scores(bb: Backbone, emb: Embedder, head: nn.Linear, items: list[RerankItem]) -> torch.Tensor:
+    """The probe's score of every (query, candidate) pair -> (B, K); each pair is one sequence."""
+    qT, qm = emb.tokens([it.query for it in items])  # (B, Lq, D)
+    cT, cm = emb.tokens([c for it in items for c in it.cands])  # (B*K, Lc, D)
+    sep, rel = bb.embed_text(torch.tensor([bb.ids("candidate :"), bb.ids("relation :")], device=bb.device))  # (2, D) each
+    K = len(items[0].cands)
+    seqs = [torch.cat([qT[i, : int(qm[i].sum())], sep, cT[i * K + k, : int(cm[i * K + k].sum())], rel])
+            for i in range(len(items)) for k in range(K)]
+    x, m = pad_stack(seqs)  # (B*K, L, D)
+    h, _, _ = bb.lm(x, attention_mask=m, logits=False)
+    last = h[torch.arange(len(seqs), device=h.device), m.sum(1) - 1]  # (B*K, D): at "relation :"
+    return head(last.float()).view(len(items), K)
+
+
+def cross_encoder_probe(cfg: Config, split: str | None = None, verbose: bool = True) -> dict:
+    """Train the probe above on the train split's lists (phi's top-K, or easy ones) from this run's
+    warmed-up backbone; R@1 on `split` at step 0, every quarter and at the end. Writes
+    <run_dir>/probe_<lists>_<split>.json. Nothing of the run is changed."""
+    split = split or cfg.split
+    if cfg.probe_lists not in ("phi", "easy"):
+        raise RetrvError(f"--probe-lists must be phi or easy (got {cfg.probe_lists!r})")
+    dev, dt = enter_stage(cfg, verbose)
+    seed_everything(cfg.seed)
+    rng = random.Random(f"{cfg.seed}-probe")
+    train = [it for it in rerank_items(cfg, "train", verbose=verbose) if it.positives]
+    test = rerank_items(cfg, split, verbose=verbose)
+    if cfg.probe_lists == "easy":
+        train, test = easy_lists(train, rng), easy_lists(test, rng)
+    if not train:
+        raise RetrvError("the probe has no train query whose positive is in phi's top-K")
+    bb = base_backbone(cfg).to(dev)
+    for prm in list(bb.vision.parameters()) + list(bb.connector.parameters()):
+        prm.requires_grad_(False)  # as in SFT: the vision side is frozen, so its tokens are computed once
+    emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=True)
+    head = nn.Linear(bb.D, 1).to(dev)
+    with torch.no_grad():  # step 0 = the LM's own verdict: logit("match") - logit("differs")
+        words = [bb.ids(w) for w in ("match", "differs")]
+        head.weight.zero_()
+        head.bias.zero_()
+        if all(len(w) == 1 for w in words):
+            head.weight.copy_((bb.lm_head.weight[words[0][0]] - bb.lm_head.weight[words[1][0]]).float()[None])
+
+    @torch.no_grad()
+    def r_at_1() -> dict:
+        bb.eval()
+        hits: dict[str, list[bool]] = {}
+        for i in range(0, len(test), 32):
+            chunk = test[i: i + 32]
+            with autocast(dev, dt):
+                s = probe_scores(bb, emb, head, chunk)  # (b, K)
+            for it, pick in zip(chunk, s.argmax(-1).tolist()):
+                hits.setdefault(it.task, []).append(pick + 1 in it.positives)
+        bb.train()
+        every = [h for v in hits.values() for h in v]
+        return {"avg": sum(every) / len(every), "tasks": {t: sum(v) / len(v) for t, v in hits.items()}}
+
+    params = [prm for prm in bb.parameters() if prm.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.probe_lr, weight_decay=0.01)
+    sched = cosine_schedule(opt, cfg.probe_steps, warmup=max(1, cfg.probe_steps // 20))
+    curve = [{"step": 0, **r_at_1()}]
+    accs, losses = [], []
+    bar = tqdm(range(cfg.probe_steps), desc=f"cross-encoder probe ({cfg.probe_lists} lists)", disable=not verbose)
+    for step in bar:
+        batch = rng.sample(train, min(cfg.probe_batch, len(train)))
+        with autocast(dev, dt):
+            s = probe_scores(bb, emb, head, batch)  # (B, K)
+        tgt = torch.tensor([rng.choice(it.positives) - 1 for it in batch], device=dev)
+        loss = F.cross_entropy(s.float(), tgt)
+        check_finite(loss, "probe", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        accs.append((s.argmax(-1) == tgt).float().mean().item())
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(accs[-25:]) / len(accs[-25:]):.2f}")
+        if (step + 1) % max(1, cfg.probe_steps // 4) == 0 or step == cfg.probe_steps - 1:
+            if curve[-1]["step"] != step + 1:
+                curve.append({"step": step + 1, **r_at_1()})
+    n = min(25, len(losses))
+    out = {"lists": cfg.probe_lists, "split": split, "K": cfg.K, "steps": cfg.probe_steps, "lr": cfg.probe_lr,
+           "chance": 1 / cfg.K, "phi_R@1": sum(1 in it.positives for it in test) / len(test), "curve": curve,
+           "final_train_loss": sum(losses[-n:]) / max(1, n), "final_train_acc": sum(accs[-n:]) / max(1, n)}
+    atomic_write_text(Path(cfg.run_dir) / f"probe_{cfg.probe_lists}_{split}.json", json.dumps(out, indent=2))
+    if verbose:
+        print(f"[probe] cross-encoder on {cfg.probe_lists} lists, {split} R@1 by step (chance {out['chance']:.3f}, "
+              f"phi's rank 1 on the same lists {out['phi_R@1']:.3f}): "
+              + ", ".join(f"{c['step']}: {c['avg']:.3f}" for c in curve)
+              + f"; train loss {out['final_train_loss']:.3f} (ln K = {math.log(cfg.K):.3f}), train acc "
+              f"{out['final_train_acc']:.2f} (last {n} steps)")
+        print("[probe] per task at the end: " + ", ".join(f"{t} {v:.2f}" for t, v in sorted(curve[-1]["tasks"].items())))
+    return out
+
+
 def peak_mem_mb(dev: torch.device) -> float:
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20
@@ -3665,11 +3801,14 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
              write: bool = True) -> dict:
     """Evaluate a run on a split; writes <run_dir>/eval_<split>.json (schema in DESIGN.md section 9) and,
     for theta's stages, every trace to <run_dir>/traces_<stage>_<split>.jsonl.
-    stage: coarse (phi alone) | sft | grpo (phi's top-K reranked by theta after that stage)."""
+    stage: coarse (phi alone) | sft | grpo (phi's top-K reranked by theta after that stage) | probe (a
+    cross-encoder trained on the warmed-up backbone; see cross_encoder_probe, which it returns)."""
     split = split or cfg.split
     stage = stage or cfg.stage or furthest_stage(cfg)
+    if stage == "probe":  # a diagnostic of the backbone, not a stage of the pipeline
+        return cross_encoder_probe(cfg, split, verbose)
     if stage not in ("coarse", "sft", "grpo", "icm"):
-        raise RetrvError(f"--stage must be coarse, icm, sft or grpo (got {stage!r})")
+        raise RetrvError(f"--stage must be coarse, icm, sft, grpo or probe (got {stage!r})")
     dev, dt = enter_stage(cfg, verbose)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -1659,6 +1659,46 @@ def _resume_cfg(world, run_dir, **kw):
     return R.make_config("smoke", **{**base, **kw})
 
 
+def test_probe_scores_each_pair_alone_so_candidate_order_does_not_matter(small, world):
+    cfg, theta, emb, _ = small
+    ts = R.load_split(world[1], "val")[0]
+    items = [R.RerankItem(query=R.query_item(ts, i), cands=[R.cand_item(ts, j) for j in (ts.pos[i] + ts.neg[i])[:4]],
+                          rows=[], positives=[1], target=None, scenes=[None] * 4, task="t", qid=str(i)) for i in range(2)]
+    torch.manual_seed(0)
+    head = torch.nn.Linear(theta.bb.D, 1)
+    with torch.no_grad():
+        s = R.probe_scores(theta.bb, emb, head, items)  # (2, 4)
+        perm = [2, 0, 3, 1]
+        s2 = R.probe_scores(theta.bb, emb, head, [dataclasses.replace(it, cands=[it.cands[k] for k in perm]) for it in items])
+    assert s.shape == (2, 4) and s.std() > 0
+    assert torch.allclose(s[:, perm], s2, atol=1e-5)
+
+
+def test_cross_encoder_probe_trains_on_a_run_and_leaves_it_untouched(world, tmp_path):
+    cfg = _resume_cfg(world, tmp_path / "r", K=4, probe_steps=4, probe_batch=2, split="val")
+    R.train(cfg, verbose=False)
+    before = (tmp_path / "r" / "warmup" / "model.safetensors").read_bytes()
+    out = R.evaluate(dataclasses.replace(cfg, stage="probe"), verbose=False)
+    assert [c["step"] for c in out["curve"]] == [0, 1, 2, 3, 4] and out["chance"] == 0.25
+    assert all(0 <= c["avg"] <= 1 for c in out["curve"]) and math.isfinite(out["final_train_loss"])
+    assert json.loads((tmp_path / "r" / "probe_phi_val.json").read_text())["curve"] == out["curve"]
+    assert (tmp_path / "r" / "warmup" / "model.safetensors").read_bytes() == before
+    # easy lists: the positive sits where `positives` says, the K-1 others come from other queries of its task
+    # (a 4-step phi finds few positives, so each list's first candidate stands in for one here)
+    items = [dataclasses.replace(it, positives=[1]) for it in R.rerank_items(cfg, "train", verbose=False)]
+    easy = R.easy_lists(items, random.Random(0))
+    assert len(easy) == len(items)
+    for it, e in zip(items, easy):
+        assert len(e.cands) == 4 and e.cands[e.positives[0] - 1] is it.cands[it.positives[0] - 1]
+        mine = {id(c) for c in it.cands}
+        others = {id(c) for o in items if o.task == it.task and o.qid != it.qid for c in o.cands}
+        assert all(id(c) in others and id(c) not in mine for k, c in enumerate(e.cands) if k != e.positives[0] - 1)
+    with pytest.raises(R.RetrvError, match="needs at least 4 queries of task"):  # too few queries with a positive
+        R.evaluate(dataclasses.replace(cfg, stage="probe", probe_lists="easy"), verbose=False)
+    with pytest.raises(R.RetrvError, match="probe-lists must be phi or easy"):
+        R.evaluate(dataclasses.replace(cfg, stage="probe", probe_lists="hard"), verbose=False)
+
+
 def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(world, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     R.train(_resume_cfg(world, a), verbose=False)
