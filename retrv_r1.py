@@ -19,6 +19,8 @@ Commands (CPU, offline; the default `tiny` preset generates its own data and bac
     pip install -r requirements.txt
     python retrv_r1.py train                     # every stage on the tiny preset
     python retrv_r1.py eval                      # R@1/5/10 per task -> runs/tiny/eval_test.json
+                                                 # (every command but `data` reads the run's config.json)
+    python retrv_r1.py eval --stage probe --split val   # can this backbone tell phi's candidates apart?
     python retrv_r1.py train --preset smoke      # a 1-2 minute pass, what tests and notebooks use
     python retrv_r1.py train --preset aligned    # aligned checks, 1200 warm-up steps: better phi / SFT, ~40 min
 
@@ -40,7 +42,8 @@ Sections (read top to bottom; nothing is used before it is defined):
    10. Stage 1                ICM self-alignment (LM frozen)
    11. Stage 2                synthetic four-phase CoT and SFT activation (LoRA for pretrained LMs)
    12. Stage 3                GRPO with the curriculum result-efficiency reward
-   13. Evaluation             M-BEIR Recall@k (hit rate), reranking, efficiency, demo
+   13. Evaluation             M-BEIR Recall@k (hit rate), reranking, efficiency, demo; a cross-encoder
+                              probe of the backbone (`eval --stage probe`: a diagnostic, not the paper)
    14. CLI                    data | train | eval | demo | ablate | bench
 
 Deviations from the paper
