@@ -355,16 +355,6 @@ def default_data_root(cfg: Config) -> str:
     return f"data/synthetic-{cfg.world}" + ("" if cfg.caption_order == "attr" else f"-{cfg.caption_order}")
 
 
-def config_from_args(argv: list[str] | None = None, verbose: bool = True) -> tuple[str, Config]:
-    """CLI -> (command, Config). Every command but `data` starts from the run's own config.json when
-    --run-dir (default runs/<preset>) already holds one; the flags given on the command line override it."""
-    args = vars(build_argparser().parse_args(argv))
-    cmd = args.pop("command")
-    given = {k: v for k, v in args.items() if v is not None}
-    cfg = make_config(given.get("preset", "tiny"), **{k: v for k, v in given.items() if k != "preset"})
-    return cmd, (cfg if cmd == "data" else with_run_config(cfg, given, verbose))
-
-
 # fields a run's config.json does not decide: where to read and write, how to run, what to evaluate
 # (data_root and preset are not among them: a run trained on another M-BEIR root is evaluated there by
 # default, and a run keeps the name of the preset it was made with)
@@ -410,6 +400,16 @@ def with_run_config(cfg: Config, given: dict, verbose: bool = True) -> Config:
     if verbose and diff:
         print(f"[config] {path}: the run's settings ({', '.join(diff)}); flags given now override them")
     return out
+
+
+def config_from_args(argv: list[str] | None = None, verbose: bool = True) -> tuple[str, Config]:
+    """CLI -> (command, Config). Every command but `data` starts from the run's own config.json when
+    --run-dir (default runs/<preset>) already holds one; the flags given on the command line override it."""
+    args = vars(build_argparser().parse_args(argv))
+    cmd = args.pop("command")
+    given = {k: v for k, v in args.items() if v is not None}
+    cfg = make_config(given.get("preset", "tiny"), **{k: v for k, v in given.items() if k != "preset"})
+    return cmd, (cfg if cmd == "data" else with_run_config(cfg, given, verbose))
 
 
 # =============================================================================================
@@ -3691,7 +3691,7 @@ def probe_scores(bb: Backbone, emb: Embedder, head: nn.Linear, items: list[Reran
     """The probe's score of every (query, candidate) pair -> (B, K); each pair is one sequence."""
     qT, qm = emb.tokens([it.query for it in items])  # (B, Lq, D)
     cT, cm = emb.tokens([c for it in items for c in it.cands])  # (B*K, Lc, D)
-    sep, rel = bb.embed_text(torch.tensor([bb.ids("candidate :"), bb.ids("relation :")], device=bb.device))  # (2, D) each
+    sep, rel = (bb.embed_text(torch.tensor([bb.ids(w)], device=bb.device))[0] for w in ("candidate :", "relation :"))  # (L_w, D)
     K = len(items[0].cands)
     seqs = [torch.cat([qT[i, : int(qm[i].sum())], sep, cT[i * K + k, : int(cm[i * K + k].sum())], rel])
             for i in range(len(items)) for k in range(K)]
@@ -3765,8 +3765,7 @@ def cross_encoder_probe(cfg: Config, split: str | None = None, verbose: bool = T
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(accs[-25:]) / len(accs[-25:]):.2f}")
         if (step + 1) % max(1, cfg.probe_steps // 4) == 0 or step == cfg.probe_steps - 1:
-            if curve[-1]["step"] != step + 1:
-                curve.append({"step": step + 1, **r_at_1()})
+            curve.append({"step": step + 1, **r_at_1()})
     n = min(25, len(losses))
     out = {"lists": cfg.probe_lists, "split": split, "K": cfg.K, "steps": cfg.probe_steps, "lr": cfg.probe_lr,
            "chance": 1 / cfg.K, "phi_R@1": sum(1 in it.positives for it in test) / len(test), "curve": curve,
