@@ -201,6 +201,7 @@ class Config:
     ret_hard_negs: int = 4  # hard negatives per query from neg_cand_list
     ret_tau: float = 0.05  # InfoNCE temperature
     ret_dim: int = 128  # embedding width after the projection
+    ret_pool: str = "mean"  # how phi pools the LM's states: mean (all tokens) | last (the last token) | mean_last (their sum)
     ret_holdout: float = 0.0  # share of train queries phi never sees; SFT and GRPO then use only those
     ret_folds: int = 0  # >= 2: theta trains on out-of-fold top-K (phi_f never saw fold f's queries); 0 = off
     # --- ICM (section 6) -------------------------------------------------------------------
@@ -336,6 +337,8 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
         cfg.data_root = default_data_root(cfg)
     if cfg.K < 1:
         raise RetrvError(f"--K must be >= 1 (got {cfg.K})")
+    if cfg.ret_pool not in RET_POOLS:  # checked here too, so a bad value fails before the warm-up, not after
+        raise RetrvError(f"--ret-pool must be one of {RET_POOLS} (got {cfg.ret_pool!r})")
     if not 0 <= cfg.warmup_copy_steps <= cfg.warmup_steps:
         raise RetrvError(f"--warmup-copy-steps must be between 0 and --warmup-steps {cfg.warmup_steps} "
                          f"(got {cfg.warmup_copy_steps}); the copy steps are part of the warm-up's steps")
@@ -546,7 +549,7 @@ def stage_done(cfg: Config, stage: str) -> bool:
 # fields that decide tensor shapes (or, tie_embeddings, which tensors exist): a checkpoint made with
 # other values cannot be loaded
 SHAPE_FIELDS = ("backbone", "vision_hidden", "vision_layers", "patch_size", "text_hidden", "text_layers",
-                "text_heads", "text_kv_heads", "text_mlp", "tie_embeddings", "image_size", "ret_dim", "icm_heads", "icm_max_len")
+                "text_heads", "text_kv_heads", "text_mlp", "tie_embeddings", "image_size", "ret_dim", "ret_pool", "icm_heads", "icm_max_len")
 
 
 def check_compatible(saved: dict, cfg: Config, where: str, keys=SHAPE_FIELDS) -> None:
@@ -1680,15 +1683,29 @@ def lm_loss(bb: Backbone, x, mask, labels) -> tuple[torch.Tensor, torch.Tensor, 
 # tokens an average is a stronger start than one position it was never trained to summarise in.
 
 
+RET_POOLS = ("mean", "last", "mean_last")
+
+
 class Retriever(nn.Module):
-    def __init__(self, bb: Backbone, dim: int):
+    def __init__(self, bb: Backbone, dim: int, pool: str = "mean"):
         super().__init__()
-        self.bb = bb
+        if pool not in RET_POOLS:
+            raise RetrvError(f"--ret-pool must be one of {RET_POOLS} (got {pool!r})")
+        self.bb, self.pool = bb, pool
         self.proj = nn.Linear(bb.D, dim, bias=False)
 
     def encode_tokens(self, T: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """e = normalize(W pool(h)),  h = LM(T) (N, L, D).
+        mean: the masked mean over all tokens. last: the state of the last real token -- under causal
+        attention the only one that has read the whole item (for an image+text query the visual tokens
+        come first and never see the edit text). mean_last: their sum."""
         h, _, _ = self.bb.lm(T, attention_mask=mask, logits=False)  # (N, L, D)
-        pooled = masked_mean(h, mask[..., None], dim=1)  # (N, D)
+        pooled = 0
+        if self.pool in ("mean", "mean_last"):
+            pooled = masked_mean(h, mask[..., None], dim=1)  # (N, D)
+        if self.pool in ("last", "mean_last"):
+            last = mask.sum(1) - 1  # right-padded: index of the last real token, (N,)
+            pooled = pooled + h[torch.arange(h.shape[0], device=h.device), last]  # (N, D)
         return F.normalize(self.proj(pooled.float()), dim=-1)  # (N, dim)
 
     def encode(self, emb: Embedder, items: list[dict]) -> torch.Tensor:
@@ -1716,7 +1733,7 @@ def load_retriever(cfg: Config) -> Retriever:
 
     check_compatible(read_state(ck).get("config", {}), cfg, str(ck))
     bb = load_backbone(str(ck))
-    r = Retriever(bb, cfg.ret_dim)
+    r = Retriever(bb, cfg.ret_dim, cfg.ret_pool)
     try:
         r.proj.weight.data.copy_(load_file(str(ck / "proj.safetensors"))["proj.weight"])
     except Exception as e:
@@ -1756,7 +1773,7 @@ def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: boo
     dev, dt = pick_device(cfg, False)
     seed_everything(cfg.seed + 1)
     bb = base_backbone(cfg).to(dev)
-    ret = Retriever(bb, cfg.ret_dim).to(dev)
+    ret = Retriever(bb, cfg.ret_dim, cfg.ret_pool).to(dev)
     cache = ImageCache(bb.image_size)
     emb = Embedder(bb, cache)
     train = load_split(cfg.data_root, "train", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)

@@ -292,6 +292,32 @@ def test_icm_shapes_and_token_counts(small):
     assert torch.allclose(z["attn_con"].sum(-1), torch.ones(3, cfg.icm_heads))
 
 
+def test_retriever_pooling_reads_the_last_real_token_of_a_right_padded_row(small):
+    """ret_pool: 'last' is the state of each row's last real token (padding ignored), 'mean_last' the
+    sum of the masked mean and that state; an unknown pooling is a clear error."""
+    cfg, theta, emb, prompts = small
+    bb = theta.bb
+    torch.manual_seed(1)
+    T = torch.randn(2, 6, bb.D)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    enc = {p: R.Retriever(bb, 8, p).eval() for p in R.RET_POOLS}
+    for r in enc.values():
+        r.proj.weight.data.copy_(enc["mean"].proj.weight.data)
+    with torch.no_grad():
+        h, _, _ = bb.lm(T, attention_mask=mask, logits=False)
+        last = torch.stack([h[0, 5], h[1, 2]])
+        mean = R.masked_mean(h, mask[..., None], dim=1)
+        W = enc["mean"].proj.weight
+        for p, pooled in (("last", last), ("mean", mean), ("mean_last", mean + last)):
+            assert torch.allclose(enc[p].encode_tokens(T, mask), torch.nn.functional.normalize(pooled @ W.T, dim=-1), atol=1e-5), p
+        # what follows the last real token of row 1 (padding) cannot change its 'last' embedding
+        T2 = T.clone()
+        T2[1, 3:] = torch.randn(3, bb.D)
+        assert torch.allclose(enc["last"].encode_tokens(T, mask)[1], enc["last"].encode_tokens(T2, mask)[1], atol=1e-5)
+    with pytest.raises(R.RetrvError, match="--ret-pool"):
+        R.Retriever(bb, 8, "max")
+
+
 def test_icm_cost_counts_fewer_tokens_and_restores_the_mode(small, world):
     cfg, theta, emb, _ = small
     _, root = world
