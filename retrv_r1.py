@@ -82,7 +82,8 @@ Deviations from the paper
   field as JSON.
 * Coarse retriever phi: the paper uses an existing MLLM embedding model (LamRA-style). Here phi
   is a copy of the warmed-up backbone, mean-pooled and projected, trained with InfoNCE on the
-  train split.
+  train split (--ret-pool last / mean_last: the last token's state instead / as well; measured on
+  val, no better beyond noise -- README, "Experiments on val").
 * ICM: each ATT is one pre-norm cross-attention block (+MLP); a learnable position table is added
   to T_c (word embeddings carry no order); e_con and e_rel are separate vectors. Self-alignment
   targets are the frozen LM's own greedy descriptions from full tokens ("caption :" / "relation :"
