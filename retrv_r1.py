@@ -257,6 +257,7 @@ class Config:
     probe_lr: float = 5e-4  # eval --stage probe: AdamW lr of the probe (LM + linear head; vision frozen)
     probe_batch: int = 8  # eval --stage probe: queries per step (x K scored pairs)
     probe_lists: str = "phi"  # eval --stage probe: phi (phi's top-K) | easy (the positive + K-1 candidates of other queries)
+    probe_vision: bool = False  # eval --stage probe: also train the vision tower and connector (frozen by default, as in SFT)
     bench_smoke: bool = True  # bench: also time `train --preset smoke` in a temp dir
     bench_parts: str = "sampler,icm,steps"  # bench: which figures (sampler: throughput | icm: ICM vs full tokens | steps: SFT/GRPO step times)
     bench_ks: str = "4,8,16,32"  # bench: the rerank depths K at which ICM and full tokens are timed
@@ -295,7 +296,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # fields that may change between a run and its resumption without changing what is computed
 _RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "split", "stage",
                    "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "bench_ks", "rows",
-                   "probe_steps", "probe_lr", "probe_batch", "probe_lists"}
+                   "probe_steps", "probe_lr", "probe_batch", "probe_lists", "probe_vision"}
 
 
 class RetrvError(Exception):
@@ -3722,7 +3723,8 @@ def probe_scores(bb: Backbone, emb: Embedder, head: nn.Linear, items: list[Reran
 def cross_encoder_probe(cfg: Config, split: str | None = None, verbose: bool = True) -> dict:
     """Train the probe above on the train split's lists (phi's top-K, or easy ones) from this run's
     warmed-up backbone; R@1 on `split` at step 0, every quarter and at the end. Writes
-    <run_dir>/probe_<lists>_<split>.json. Nothing of the run is changed."""
+    <run_dir>/probe_<lists>[_vision]_<split>.json (--probe-vision: the vision tower and connector train too).
+    Nothing of the run is changed."""
     split = split or cfg.split
     if cfg.probe_lists not in ("phi", "easy"):
         raise RetrvError(f"--probe-lists must be phi or easy (got {cfg.probe_lists!r})")
@@ -3736,9 +3738,10 @@ def cross_encoder_probe(cfg: Config, split: str | None = None, verbose: bool = T
     if not train:
         raise RetrvError("the probe has no train query whose positive is in phi's top-K")
     bb = base_backbone(cfg).to(dev)
-    for prm in list(bb.vision.parameters()) + list(bb.connector.parameters()):
-        prm.requires_grad_(False)  # as in SFT: the vision side is frozen, so its tokens are computed once
-    emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=True)
+    if not cfg.probe_vision:
+        for prm in list(bb.vision.parameters()) + list(bb.connector.parameters()):
+            prm.requires_grad_(False)  # as in SFT: the vision side is frozen, so its tokens are computed once
+    emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=not cfg.probe_vision)
     head = nn.Linear(bb.D, 1).to(dev)
     with torch.no_grad():  # step 0 = the LM's own verdict: logit("match") - logit("differs")
         words = [bb.ids(w) for w in ("match", "differs")]
@@ -3786,9 +3789,11 @@ def cross_encoder_probe(cfg: Config, split: str | None = None, verbose: bool = T
             curve.append({"step": step + 1, **r_at_1()})
     n = min(25, len(losses))
     out = {"lists": cfg.probe_lists, "split": split, "K": cfg.K, "steps": cfg.probe_steps, "lr": cfg.probe_lr,
+           "vision_trained": cfg.probe_vision,
            "chance": 1 / cfg.K, "phi_R@1": sum(1 in it.positives for it in test) / len(test), "curve": curve,
            "final_train_loss": sum(losses[-n:]) / max(1, n), "final_train_acc": sum(accs[-n:]) / max(1, n)}
-    atomic_write_text(Path(cfg.run_dir) / f"probe_{cfg.probe_lists}_{split}.json", json.dumps(out, indent=2))
+    name = f"probe_{cfg.probe_lists}{'_vision' if cfg.probe_vision else ''}_{split}.json"
+    atomic_write_text(Path(cfg.run_dir) / name, json.dumps(out, indent=2))
     if verbose:
         print(f"[probe] cross-encoder on {cfg.probe_lists} lists, {split} R@1 by step (chance {out['chance']:.3f}, "
               f"phi's rank 1 on the same lists {out['phi_R@1']:.3f}): "

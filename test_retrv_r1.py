@@ -1709,6 +1709,12 @@ def test_cross_encoder_probe_trains_on_a_run_and_leaves_it_untouched(world, tmp_
     assert all(0 <= c["avg"] <= 1 for c in out["curve"]) and math.isfinite(out["final_train_loss"])
     assert json.loads((tmp_path / "r" / "probe_phi_val.json").read_text())["curve"] == out["curve"]
     assert (tmp_path / "r" / "warmup" / "model.safetensors").read_bytes() == before
+    # --probe-vision trains the vision side too: its own file, the run still untouched
+    outv = R.evaluate(dataclasses.replace(cfg, stage="probe", probe_vision=True, probe_steps=2), verbose=False)
+    assert outv["vision_trained"] and not out["vision_trained"] and [c["step"] for c in outv["curve"]] == [0, 1, 2]
+    assert json.loads((tmp_path / "r" / "probe_phi_vision_val.json").read_text())["curve"] == outv["curve"]
+    assert json.loads((tmp_path / "r" / "probe_phi_val.json").read_text())["curve"] == out["curve"]
+    assert (tmp_path / "r" / "warmup" / "model.safetensors").read_bytes() == before
     # easy lists: the positive sits where `positives` says, the K-1 others come from other queries of its task
     # (a 4-step phi finds few positives, so each list's first candidate stands in for one here)
     items = [dataclasses.replace(it, positives=[1]) for it in R.rerank_items(cfg, "train", verbose=False)]
