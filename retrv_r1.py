@@ -548,8 +548,8 @@ def stage_done(cfg: Config, stage: str) -> bool:
     return (Path(cfg.run_dir) / stage / "state.json").exists()
 
 
-# fields that decide tensor shapes (or, tie_embeddings, which tensors exist): a checkpoint made with
-# other values cannot be loaded
+# fields that decide tensor shapes (or, tie_embeddings, which tensors exist; ret_pool, how phi's weights
+# are read): a checkpoint made with other values cannot be loaded
 SHAPE_FIELDS = ("backbone", "vision_hidden", "vision_layers", "patch_size", "text_hidden", "text_layers",
                 "text_heads", "text_kv_heads", "text_mlp", "tie_embeddings", "image_size", "ret_dim", "ret_pool", "icm_heads", "icm_max_len")
 
@@ -1683,6 +1683,8 @@ def lm_loss(bb: Backbone, x, mask, labels) -> tuple[torch.Tensor, torch.Tensor, 
 # where c runs over the query's positive, its hard negatives and every other query's candidates
 # in the batch. Why mean pooling and not a final [EMB] token: the LM is causal, and with 20-70
 # tokens an average is a stronger start than one position it was never trained to summarise in.
+# --ret-pool last / mean_last replace / add the last real token's state (the only one that has read
+# a composed query's edit text); measured on val, neither is better beyond noise (README).
 
 
 RET_POOLS = ("mean", "last", "mean_last")
@@ -1697,10 +1699,8 @@ class Retriever(nn.Module):
         self.proj = nn.Linear(bb.D, dim, bias=False)
 
     def encode_tokens(self, T: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """e = normalize(W pool(h)),  h = LM(T) (N, L, D).
-        mean: the masked mean over all tokens. last: the state of the last real token -- under causal
-        attention the only one that has read the whole item (for an image+text query the visual tokens
-        come first and never see the edit text). mean_last: their sum."""
+        """e = normalize(W pool(h)),  h = LM(T) (N, L, D); pool: the masked mean over all tokens (mean),
+        the last real token's state (last), or their sum (mean_last). T, mask right-padded -> e (N, dim)."""
         h, _, _ = self.bb.lm(T, attention_mask=mask, logits=False)  # (N, L, D)
         pooled = 0
         if self.pool in ("mean", "mean_last"):
