@@ -85,6 +85,13 @@ def test_a_runs_config_json_that_is_old_or_bad_gets_a_clear_answer(tmp_path):
     f.write_text(json.dumps({"world": "tinycube", "neg_structure": "cube", "retired_field": 3}))  # older version
     _, cfg = R.config_from_args(["eval", "--run-dir", str(run)], verbose=False)
     assert cfg.neg_structure == "cube" and cfg.data_root == "data/synthetic-tinycube"
+    # a field whose default changed since: an old run keeps the value it was made with
+    assert cfg.ret_order == "image_text" and R.make_config("smoke").ret_order == "text_image"
+    _, cfg = R.config_from_args(["eval", "--run-dir", str(run), "--ret-order", "text_image"], verbose=False)
+    assert cfg.ret_order == "text_image"  # a flag still wins
+    with pytest.raises(R.RetrvError, match="ret_order='image_text' \\(checkpoint\\)"):
+        R.check_compatible({"ret_dim": cfg.ret_dim}, cfg, "old/retriever", keys=R.RET_FIELDS)  # from before the field
+    R.check_compatible({"ret_dim": cfg.ret_dim}, cfg, "old/warmup")  # a warm-up serves any phi
     f.write_text(json.dumps({"max_new": "lots"}))
     with pytest.raises(R.RetrvError, match=r"config\.json: field 'max_new' should be int"):
         R.config_from_args(["eval", "--run-dir", str(run)], verbose=False)
@@ -316,6 +323,32 @@ def test_retriever_pooling_reads_the_last_real_token_of_a_right_padded_row(small
         assert torch.allclose(enc["last"].encode_tokens(T, mask)[1], enc["last"].encode_tokens(T2, mask)[1], atol=1e-5)
     with pytest.raises(R.RetrvError, match="--ret-pool"):
         R.Retriever(bb, 8, "max")
+
+
+def test_retriever_text_first_order_puts_a_composed_querys_words_before_its_image(small, world):
+    """ret_order text_image: an item with image and text reads words then visual tokens (so the image's
+    states can attend to the edit text); items with one modality are unchanged; a bad order is an error."""
+    cfg, theta, emb, _ = small
+    _, root = world
+    ts = {t.task_id: t for t in R.load_split(root, "val")}[7]  # image+text queries
+    q = R.query_item(ts, 0)
+    c = R.cand_item(ts, 0)  # an image candidate
+    n_img = emb.visual([q]).shape[1]
+    n_txt = len(theta.bb.ids(q["txt"])[: emb.max_txt])
+    with torch.no_grad():
+        T0, m0 = emb.tokens([q, c])
+        T1, m1 = emb.tokens([q, c], text_first=True)
+    assert torch.equal(m0, m1) and m0[0].sum().item() == n_img + n_txt
+    assert torch.allclose(T1[0, :n_txt], T0[0, n_img: n_img + n_txt])  # words first
+    assert torch.allclose(T1[0, n_txt: n_txt + n_img], T0[0, :n_img])  # then the image
+    assert torch.equal(T0[1], T1[1])  # image-only candidate: unchanged
+    r = R.Retriever(theta.bb, 8, "mean", "text_image").eval()
+    with torch.no_grad():
+        assert torch.allclose(r.encode(emb, [q]), r.encode_tokens(T1[:1, : m1[0].sum()], m1[:1, : m1[0].sum()]), atol=1e-5)
+    with pytest.raises(R.RetrvError, match="--ret-order"):
+        R.Retriever(theta.bb, 8, "mean", "sideways")
+    with pytest.raises(R.RetrvError, match="--ret-order"):
+        R.make_config("smoke", ret_order="sideways")
 
 
 def test_icm_cost_counts_fewer_tokens_and_restores_the_mode(small, world):
