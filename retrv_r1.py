@@ -301,10 +301,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 _RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "split", "stage",
                    "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "bench_ks", "rows",
                    "probe_steps", "probe_lr", "probe_batch", "probe_lists", "probe_vision"}
+# fields whose default changed: a config saved before the field existed was made with this value
+# (ret_order: phi read image then text until the thirtieth session)
+LEGACY_DEFAULTS = {"ret_order": "image_text"}
 
 
 class RetrvError(Exception):
     """Any error caused by the user's input or files; the CLI prints it as one line."""
+
+
+def check_choice(flag: str, value: str, choices: tuple) -> None:
+    """A clear error for a value outside a flag's choices (e.g. check_choice("--ret-pool", "max", RET_POOLS))."""
+    if value not in choices:
+        raise RetrvError(f"{flag} must be one of {choices} (got {value!r})")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -337,16 +346,13 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
     cfg = Config(preset=preset, **kw)
     if not cfg.run_dir:
         cfg.run_dir = f"runs/{preset}"
-    if cfg.caption_order not in CAPTION_ORDERS:
-        raise RetrvError(f"--caption-order must be one of {CAPTION_ORDERS} (got {cfg.caption_order!r})")
+    check_choice("--caption-order", cfg.caption_order, CAPTION_ORDERS)
     if not cfg.data_root:  # the words are part of the world: another caption order is another world
         cfg.data_root = default_data_root(cfg)
     if cfg.K < 1:
         raise RetrvError(f"--K must be >= 1 (got {cfg.K})")
-    if cfg.ret_pool not in RET_POOLS:  # checked here too, so a bad value fails before the warm-up, not after
-        raise RetrvError(f"--ret-pool must be one of {RET_POOLS} (got {cfg.ret_pool!r})")
-    if cfg.ret_order not in RET_ORDERS:
-        raise RetrvError(f"--ret-order must be one of {RET_ORDERS} (got {cfg.ret_order!r})")
+    check_choice("--ret-pool", cfg.ret_pool, RET_POOLS)  # phi checks them too; here a bad value fails
+    check_choice("--ret-order", cfg.ret_order, RET_ORDERS)  # before the warm-up, not after it
     if not 0 <= cfg.warmup_copy_steps <= cfg.warmup_steps:
         raise RetrvError(f"--warmup-copy-steps must be between 0 and --warmup-steps {cfg.warmup_steps} "
                          f"(got {cfg.warmup_copy_steps}); the copy steps are part of the warm-up's steps")
@@ -561,11 +567,6 @@ SHAPE_FIELDS = ("backbone", "vision_hidden", "vision_layers", "patch_size", "tex
                 "text_heads", "text_kv_heads", "text_mlp", "tie_embeddings", "image_size", "icm_heads", "icm_max_len")
 # ... and, for phi's checkpoints only, how its weights are read (a warm-up serves any of them)
 RET_FIELDS = ("ret_dim", "ret_pool", "ret_order")
-
-
-# fields whose default changed: a config saved before the field existed was made with this value
-# (ret_order: phi read image then text until the thirtieth session)
-LEGACY_DEFAULTS = {"ret_order": "image_text"}
 
 
 def check_compatible(saved: dict, cfg: Config, where: str, keys=SHAPE_FIELDS) -> None:
@@ -1713,12 +1714,10 @@ RET_ORDERS = ("image_text", "text_image")
 
 
 class Retriever(nn.Module):
-    def __init__(self, bb: Backbone, dim: int, pool: str = "mean", order: str = "image_text"):
+    def __init__(self, bb: Backbone, dim: int, pool: str = "mean", order: str = "text_image"):
         super().__init__()
-        if pool not in RET_POOLS:
-            raise RetrvError(f"--ret-pool must be one of {RET_POOLS} (got {pool!r})")
-        if order not in RET_ORDERS:
-            raise RetrvError(f"--ret-order must be one of {RET_ORDERS} (got {order!r})")
+        check_choice("--ret-pool", pool, RET_POOLS)
+        check_choice("--ret-order", order, RET_ORDERS)
         self.bb, self.pool, self.order = bb, pool, order
         self.proj = nn.Linear(bb.D, dim, bias=False)
 
