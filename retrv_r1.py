@@ -87,6 +87,9 @@ Deviations from the paper
   the mean, can then read the edit; image first, they never saw it and the query embedded as its
   source image (composed R@8 on val 0.70-0.86 in five runs -> 0.92). --ret-pool last / mean_last
   (the last token's state instead / as well) were no better beyond noise (README, "Experiments on val").
+  InfoNCE trains the LM and the projection only: the vision encoder and connector stay as the
+  warm-up left them (as theta's do in stages 1-3; --ret-vision trains them too, the default until
+  the thirty-first session), so each image's tokens are computed once, not every step.
 * ICM: each ATT is one pre-norm cross-attention block (+MLP); a learnable position table is added
   to T_c (word embeddings carry no order); e_con and e_rel are separate vectors. Self-alignment
   targets are the frozen LM's own greedy descriptions from full tokens ("caption :" / "relation :"
@@ -164,6 +167,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms (GPU runs; CPU already is)
     threads: int = 0  # torch CPU threads; 0 -> all cores
+    buckets: int = 4  # warm-up and phi batches run in N length buckets (padded per bucket: the same loss, less padding); 1 = one padded batch
     # --- the synthetic world (section 3) ----------------------------------------------------
     world: str = "tiny"  # name of the generated world; data lives in data/synthetic-<world>
     tasks: str = "0,3,4,7"  # M-BEIR task ids to generate: t->i, i->t, i->i, (i,t)->i
@@ -188,7 +192,7 @@ class Config:
     # --- stage 0: warm-up (section 9) -------------------------------------------------------
     warmup_steps: int = 600  # optimiser steps on captions + relation descriptions
     warmup_lr: float = 1e-3  # AdamW lr (2e-3 left shape at chance in the prototype)
-    warmup_batch: int = 64  # sequences per step
+    warmup_batch: int = 48  # sequences per step (64 until the thirty-first session; 32 left colour unlearned at 600 steps)
     warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences among the rest
     warmup_ideal_frac: float = 0.0  # share of "ideal" sequences (query -> caption of its target), drawn first
     relation_format: str = "sentence"  # how relations are written (warm-up, alignment check, CoT phase 3): sentence | objects | shows | aligned
@@ -199,7 +203,7 @@ class Config:
     warmup_copy_steps: int = 0  # the first N of warmup_steps are words-only copies: text query -> "ideal :" its caption
     warmup_copy_check_frac: float = 0.0  # share of words-only check sequences among the copy steps' (the rest: copies)
     # --- coarse retriever phi (section 5) ---------------------------------------------------
-    ret_steps: int = 400  # InfoNCE steps
+    ret_steps: int = 250  # InfoNCE steps (400 until the thirty-first session)
     ret_lr: float = 5e-4  # AdamW lr
     ret_batch: int = 32  # queries per step (in-batch negatives = the other queries' candidates)
     ret_hard_negs: int = 4  # hard negatives per query from neg_cand_list
@@ -207,6 +211,7 @@ class Config:
     ret_dim: int = 128  # embedding width after the projection
     ret_pool: str = "mean"  # how phi pools the LM's states: mean (all tokens) | last (the last token) | mean_last (their sum)
     ret_order: str = "text_image"  # phi's token order for an item with both: text_image (the image's tokens read the text) | image_text
+    ret_vision: bool = False  # phi also trains the vision encoder + connector (False: frozen like theta's, each image's tokens computed once)
     ret_holdout: float = 0.0  # share of train queries phi never sees; SFT and GRPO then use only those
     ret_folds: int = 0  # >= 2: theta trains on out-of-fold top-K (phi_f never saw fold f's queries); 0 = off
     # --- ICM (section 6) -------------------------------------------------------------------
@@ -282,7 +287,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the best phi and SFT measured on CPU, at about twice the default's time (README: "the aligned
     # configuration end to end"): relations as aligned checks, a twice-as-long warm-up, longer traces,
     # an RL pool balanced over phi's ranks (the "hard" pool taught this SFT model to answer rank 2)
-    "aligned": dict(relation_format="aligned", warmup_steps=1200, max_new=256, grpo_pool_mode="balanced"),
+    # (it keeps the warm-up batch, phi's steps and phi's trained vision side it was measured with)
+    "aligned": dict(relation_format="aligned", warmup_steps=1200, max_new=256, grpo_pool_mode="balanced",
+                    warmup_batch=64, ret_steps=400, ret_vision=True),
     # pretrained SmolVLM on one GPU; images are resized to the checkpoint's tile size
     "smolvlm": dict(world="tiny", backbone="HuggingFaceTB/SmolVLM-256M-Instruct", warmup_steps=0,
                     ret_batch=32, ret_lr=1e-4, eval_batch=64),
@@ -298,12 +305,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # fields that may change between a run and its resumption without changing what is computed
-_RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "split", "stage",
+_RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "buckets", "split", "stage",
                    "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "bench_ks", "rows",
                    "probe_steps", "probe_lr", "probe_batch", "probe_lists", "probe_vision"}
 # fields whose default changed: a config saved before the field existed was made with this value
-# (ret_order: phi read image then text until the thirtieth session)
-LEGACY_DEFAULTS = {"ret_order": "image_text"}
+# (ret_order: phi read image then text until the thirtieth session; ret_vision: phi trained the vision
+# side too until the thirty-first)
+LEGACY_DEFAULTS = {"ret_order": "image_text", "ret_vision": True}
 
 
 class RetrvError(Exception):
@@ -566,7 +574,7 @@ def stage_done(cfg: Config, stage: str) -> bool:
 SHAPE_FIELDS = ("backbone", "vision_hidden", "vision_layers", "patch_size", "text_hidden", "text_layers",
                 "text_heads", "text_kv_heads", "text_mlp", "tie_embeddings", "image_size", "icm_heads", "icm_max_len")
 # ... and, for phi's checkpoints only, how its weights are read (a warm-up serves any of them)
-RET_FIELDS = ("ret_dim", "ret_pool", "ret_order")
+RET_FIELDS = ("ret_dim", "ret_pool", "ret_order", "ret_vision")
 
 
 def check_compatible(saved: dict, cfg: Config, where: str, keys=SHAPE_FIELDS) -> None:
@@ -1613,6 +1621,10 @@ class Embedder:
 
     def tokens(self, items: list[dict], text_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """-> T (N, L, D) right-padded, mask (N, L). text_first puts an item's words before its image."""
+        return pad_stack(self.sequences(items, text_first))
+
+    def sequences(self, items: list[dict], text_first: bool = False) -> list[torch.Tensor]:
+        """-> one (L_i, D) token sequence per item, unpadded (tokens() pads them into one batch)."""
         bb = self.bb
         img_idx = [i for i, it in enumerate(items) if it.get("img")]
         vis = self.visual([items[i] for i in img_idx]) if img_idx else None
@@ -1635,7 +1647,7 @@ class Embedder:
             if not parts:
                 parts.append(bb.embed_text(torch.tensor([[bb.tid("<unk>")]], device=bb.device))[0])
             seqs.append(torch.cat(parts))
-        return pad_stack(seqs)
+        return seqs
 
 
 def pad_stack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1649,6 +1661,18 @@ def pad_stack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, s in enumerate(seqs):
         mask[i, : s.shape[0]] = 1
     return out, mask
+
+
+def length_buckets(lengths: list[int], n: int) -> list[list[int]]:
+    """Indices cut into n groups of consecutive lengths (sorted; sizes as equal as they come): padded per
+    group, a batch of 16-token images and 8-token captions wastes little on padding. n = 1: one group in
+    the original order (the plain padded batch). Right padding is masked, so the result is the same up
+    to float rounding; on 2 CPU cores the matrix products are the whole cost, so what padding saves is time."""
+    if n <= 1 or len(lengths) <= 1:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = min(n, len(order))
+    return [order[g * len(order) // n: (g + 1) * len(order) // n] for g in range(n)]
 
 
 def assemble(bb: Backbone, rows: list[list[tuple]]) -> list[torch.Tensor]:
@@ -1693,6 +1717,22 @@ def lm_loss(bb: Backbone, x, mask, labels) -> tuple[torch.Tensor, torch.Tensor, 
     return loss, logits.argmax(-1), valid
 
 
+def bucketed_lm_loss(bb: Backbone, rows: list[list[tuple]], buckets: int) -> tuple[torch.Tensor, int, int]:
+    """lm_loss of lm_batch(rows), computed in length_buckets: the same mean over every labelled token of
+    the batch, with less padding. -> (loss, tokens predicted right, labelled tokens)."""
+    seg_len = lambda seg: len(seg[1]) if seg[0] == "ids" else seg[1].shape[0]
+    total, right, count = 0.0, 0, 0
+    for group in length_buckets([sum(seg_len(seg) for seg in row) for row in rows], buckets):
+        x, mask, labels = lm_batch(bb, [rows[i] for i in group])
+        _, logits, _ = bb.lm(x, attention_mask=mask)
+        logits, tgt = logits[:, :-1], labels[:, 1:]
+        valid = tgt != -100
+        total = total + F.cross_entropy(logits[valid].float(), tgt[valid], reduction="sum")
+        right += (logits.argmax(-1)[valid] == tgt[valid]).sum().item()
+        count += int(valid.sum())
+    return total / max(1, count), right, count
+
+
 # =============================================================================================
 # 5. Coarse retriever phi
 # =============================================================================================
@@ -1707,6 +1747,10 @@ def lm_loss(bb: Backbone, x, mask, labels) -> tuple[torch.Tensor, torch.Tensor, 
 # never saw it and the query embedded as its source image, one of the target's hard negatives.
 # --ret-pool last / mean_last replace / add the last real token's state (the only one that has read
 # the edit when the image comes first); measured on val, neither is better beyond noise (README).
+# The vision encoder and connector are frozen here (--ret-vision trains them): InfoNCE shapes the LM's
+# reading of the visual tokens, each image is encoded once (Embedder's cache), and a step costs the LM
+# alone. Every batch is encoded in --buckets length buckets (length_buckets): images are 16 tokens,
+# captions about 8, a composed query about 22, and one padded batch was 20-37% padding.
 
 
 RET_POOLS = ("mean", "last", "mean_last")
@@ -1714,11 +1758,11 @@ RET_ORDERS = ("image_text", "text_image")
 
 
 class Retriever(nn.Module):
-    def __init__(self, bb: Backbone, dim: int, pool: str = "mean", order: str = "text_image"):
+    def __init__(self, bb: Backbone, dim: int, pool: str = "mean", order: str = "text_image", buckets: int = 1):
         super().__init__()
         check_choice("--ret-pool", pool, RET_POOLS)
         check_choice("--ret-order", order, RET_ORDERS)
-        self.bb, self.pool, self.order = bb, pool, order
+        self.bb, self.pool, self.order, self.buckets = bb, pool, order, buckets
         self.proj = nn.Linear(bb.D, dim, bias=False)
 
     def encode_tokens(self, T: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -1734,7 +1778,15 @@ class Retriever(nn.Module):
         return F.normalize(self.proj(pooled.float()), dim=-1)  # (N, dim)
 
     def encode(self, emb: Embedder, items: list[dict]) -> torch.Tensor:
-        return self.encode_tokens(*emb.tokens(items, text_first=self.order == "text_image"))
+        """Items -> e (N, dim), encoded in self.buckets length buckets (length_buckets), returned in item order."""
+        seqs = emb.sequences(items, text_first=self.order == "text_image")
+        groups = length_buckets([len(t) for t in seqs], self.buckets)
+        if len(groups) == 1:
+            return self.encode_tokens(*pad_stack(seqs))
+        e = torch.cat([self.encode_tokens(*pad_stack([seqs[i] for i in g])) for g in groups])  # bucket order
+        back = torch.empty(len(seqs), dtype=torch.long)
+        back[[i for g in groups for i in g]] = torch.arange(len(seqs))  # item i sits at row back[i] of e
+        return e[back.to(e.device)]  # (N, dim)
 
     @torch.no_grad()
     def encode_all(self, emb: Embedder, items: list[dict], batch: int, desc: str = "") -> torch.Tensor:
@@ -1758,7 +1810,7 @@ def load_retriever(cfg: Config) -> Retriever:
 
     check_compatible(read_state(ck).get("config", {}), cfg, str(ck), keys=SHAPE_FIELDS + RET_FIELDS)
     bb = load_backbone(str(ck))
-    r = Retriever(bb, cfg.ret_dim, cfg.ret_pool, cfg.ret_order)
+    r = Retriever(bb, cfg.ret_dim, cfg.ret_pool, cfg.ret_order, cfg.buckets)
     try:
         r.proj.weight.data.copy_(load_file(str(ck / "proj.safetensors"))["proj.weight"])
     except Exception as e:
@@ -1798,12 +1850,14 @@ def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: boo
     dev, dt = pick_device(cfg, False)
     seed_everything(cfg.seed + 1)
     bb = base_backbone(cfg).to(dev)
-    ret = Retriever(bb, cfg.ret_dim, cfg.ret_pool, cfg.ret_order).to(dev)
-    cache = ImageCache(bb.image_size)
-    emb = Embedder(bb, cache)
+    ret = Retriever(bb, cfg.ret_dim, cfg.ret_pool, cfg.ret_order, cfg.buckets).to(dev)
+    if not cfg.ret_vision:  # only the LM and the projection W learn; an image's tokens are computed once
+        for p in list(bb.vision.parameters()) + list(bb.connector.parameters()):
+            p.requires_grad_(False)
+    emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=not cfg.ret_vision)
     train = load_split(cfg.data_root, "train", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
     pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i] and keep(ts.queries[i]["qid"])]
-    opt = torch.optim.AdamW(ret.parameters(), lr=cfg.ret_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in ret.parameters() if p.requires_grad], lr=cfg.ret_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.ret_steps, warmup=max(1, cfg.ret_steps // 20))
     ck = Partial(cfg, name, ret, opt, sched, rng)
     start = ck.resume()
@@ -1822,8 +1876,8 @@ def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: boo
             for j in rng.sample(negs, min(cfg.ret_hard_negs, len(negs))):
                 c_items.append(cand_item(ts, j))
         with autocast(dev, dt):
-            eq = ret.encode(emb, q_items)  # (B, d)
-            ec = ret.encode(emb, c_items)  # (B + B*H, d)
+            e = ret.encode(emb, q_items + c_items)  # one call: its length buckets mix queries and candidates
+        eq, ec = e[: len(batch)], e[len(batch):]  # (B, d), (B + B*H, d)
         logits = eq @ ec.T / cfg.ret_tau  # (B, B + B*H)
         target = torch.arange(len(batch), device=dev)
         loss = F.cross_entropy(logits, target)
@@ -2471,7 +2525,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 #   ideal:     [T_q] "ideal :" -> caption of the scene the query asks for (--warmup-ideal-frac)
 #   copy:      caption(target) "ideal :" -> the same caption (words only; the first --warmup-copy-steps)
 #              (--warmup-copy-check-frac f: a share f of the copy steps' sequences are words-only checks)
-# Fresh scenes are drawn every step from a seeded stream of the world (not from the files).
+# Fresh scenes are drawn every step from a seeded stream of the world (not from the files). A step's
+# sequences (25-60 tokens) run in --buckets length buckets (bucketed_lm_loss): one loss, less padding.
 # Why offer "ideal": phase 1 of the CoT ("speculate the ideal target") needs the LM to read the query
 # and write the target's caption -- copy a text query word by word, caption an image query, apply an
 # edit. The SFT model's "ideal" gets the sentence's shape and positions right but binds the wrong
@@ -2554,11 +2609,18 @@ def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, ch
     return "relation" if rng.random() < rel_frac else "caption"
 
 
-def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
-                 match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0, scramble_frac: float = 0.0,
-                 structure: str = "star", wrap: str = "plain", kind: str | None = None, copy_check_frac: float = 0.0,
-                 K: int = 8):
-    """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes).
+def warmup_batch(bb: Backbone, *args, **kwargs):
+    """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes);
+    the arguments are warmup_sequences'."""
+    rows, vis, scenes = warmup_sequences(bb, *args, **kwargs)
+    return (*lm_batch(bb, rows), (vis, scenes))
+
+
+def warmup_sequences(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
+                     match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0,
+                     scramble_frac: float = 0.0, structure: str = "star", wrap: str = "plain", kind: str | None = None,
+                     copy_check_frac: float = 0.0, K: int = 8) -> tuple[list, torch.Tensor, list]:
+    """n warm-up sequences as lm_batch rows, their visual tokens (N_img, n_img, D) and scenes (warmup_rows).
     kind: every sequence of that kind (the copy phase: kind="copy") instead of drawing each one's kind;
     with kind="copy", a share copy_check_frac of them are words-only checks instead."""
     def pick() -> str:
@@ -2567,8 +2629,7 @@ def warmup_batch(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size
         return kind or warmup_kind(rng, rel_frac, ideal_frac, check_frac)
     examples = [warmup_example(bb, rng, pick(), size, match_frac, rel_format, scramble_frac, structure, wrap, K)
                 for _ in range(n)]
-    rows, vis, scenes = warmup_rows(bb, examples, size)
-    return (*lm_batch(bb, rows), (vis, scenes))
+    return warmup_rows(bb, examples, size)
 
 
 def warmup_rows(bb: Backbone, examples: list, size: int) -> tuple[list, torch.Tensor, list]:
@@ -2712,13 +2773,12 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     bb.train()
     for step in bar:
         with autocast(dev, dt):
-            x, mask, labels, (vis, scenes) = warmup_batch(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac,
-                                                          cfg.image_size, cfg.warmup_ideal_frac, cfg.warmup_match_frac,
-                                                          cfg.relation_format, cfg.warmup_check_frac,
-                                                          cfg.warmup_scramble_frac, cfg.neg_structure,
-                                                          kind="copy" if step < cfg.warmup_copy_steps else None,
-                                                          copy_check_frac=cfg.warmup_copy_check_frac)
-            loss, pred, valid = lm_loss(bb, x, mask, labels)
+            rows, vis, scenes = warmup_sequences(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac, cfg.image_size,
+                                                 cfg.warmup_ideal_frac, cfg.warmup_match_frac, cfg.relation_format,
+                                                 cfg.warmup_check_frac, cfg.warmup_scramble_frac, cfg.neg_structure,
+                                                 kind="copy" if step < cfg.warmup_copy_steps else None,
+                                                 copy_check_frac=cfg.warmup_copy_check_frac)
+            loss, right, labelled = bucketed_lm_loss(bb, rows, cfg.buckets)
             probed = probe is not None and vis is not None  # a copy step has no image to probe
             if probed:
                 probe_loss, probe_shape = probe.loss(vis, scenes)
@@ -2729,7 +2789,7 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         gn = torch.nn.utils.clip_grad_norm_(bb.parameters(), 1.0)
         opt.step()
         sched.step()
-        acc = ((pred == labels[:, 1:]) & valid).sum().item() / max(1, valid.sum().item())
+        acc = right / max(1, labelled)
         extra = dict(probe_loss=probe_loss.item(), probe_shape_acc=probe_shape) if probed else {}
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", **{k: f"{v:.2f}" for k, v in extra.items()})
         if step % cfg.log_every == 0 or step == cfg.warmup_steps - 1:

@@ -351,6 +351,58 @@ def test_retriever_text_first_order_puts_a_composed_querys_words_before_its_imag
         R.make_config("smoke", ret_order="sideways")
 
 
+def test_length_buckets_give_the_same_loss_and_embeddings_with_less_padding(small, world):
+    """--buckets n: warm-up rows and phi's items are padded per length bucket. The token-mean LM loss, its
+    gradient and phi's embeddings (in item order) equal the one padded batch's up to float rounding."""
+    cfg, theta, emb, _ = small
+    _, root = world
+    assert R.length_buckets([5, 1, 3], 1) == [[0, 1, 2]]  # one group: the original order
+    groups = R.length_buckets([5, 1, 3, 9, 2], 2)
+    assert sorted(i for g in groups for i in g) == list(range(5)) and groups == [[1, 4], [2, 0, 3]]
+    assert R.length_buckets([4, 2], 9) == [[1], [0]]  # never more groups than rows
+    bb = theta.bb
+    rows, _, _ = R.warmup_sequences(bb, random.Random(3), 12, 0.5, 64)
+    losses, grads = [], []
+    for n in (1, 4):
+        bb.zero_grad(set_to_none=True)
+        loss, right, count = R.bucketed_lm_loss(bb, rows, n)
+        loss.backward(retain_graph=True)
+        losses.append((loss.item(), right, count))
+        grads.append(bb.text.layers[0].mlp.down_proj.weight.grad.clone())
+    bb.zero_grad(set_to_none=True)
+    x, mask, labels, _ = R.warmup_batch(bb, random.Random(3), 12, 0.5, 64)
+    ref, pred, valid = R.lm_loss(bb, x, mask, labels)
+    assert losses[0][2] == losses[1][2] == int(valid.sum()) and losses[0][1] == losses[1][1]
+    assert abs(losses[0][0] - ref.item()) < 1e-5 and abs(losses[1][0] - ref.item()) < 1e-5
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    items = [R.query_item(ts, i) for ts in R.load_split(root, "val") for i in range(3)]  # text, image, image+text
+    r1 = R.Retriever(bb, 8, "mean", "text_image", buckets=1).eval()
+    r4 = R.Retriever(bb, 8, "mean", "text_image", buckets=4).eval()
+    r4.proj.weight.data.copy_(r1.proj.weight.data)
+    with torch.no_grad():
+        assert torch.allclose(r1.encode(emb, items), r4.encode(emb, items), atol=1e-5)
+    assert len({len(t) for t in emb.sequences(items)}) > 1  # the buckets had something to sort
+
+
+def test_phi_trains_the_lm_with_the_vision_side_frozen_unless_asked(world, tmp_path):
+    """Default (--no-ret-vision): phi's InfoNCE leaves the vision encoder and connector as the warm-up
+    made them and trains the LM; --ret-vision trains them too. A run from before the field keeps True."""
+    _, root = world
+    cfg = R.make_config("smoke", data_root=str(root), run_dir=str(tmp_path / "run"), ret_steps=3, ret_batch=4,
+                        warmup_steps=2, warmup_batch=4, ckpt_every=0)
+    R.warmup(cfg, verbose=False)
+    base = R.base_backbone(cfg)
+    ret, _ = R.fit_retriever(cfg, "retriever", lambda qid: True, random.Random(0), verbose=False)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert same(ret.bb.vision, base.vision) and same(ret.bb.connector, base.connector)
+    assert not same(ret.bb.text, base.text)
+    cfg.ret_vision, cfg.run_dir = True, str(tmp_path / "run2")
+    shutil.copytree(tmp_path / "run" / "warmup", tmp_path / "run2" / "warmup")
+    ret2, _ = R.fit_retriever(cfg, "retriever", lambda qid: True, random.Random(0), verbose=False)
+    assert not same(ret2.bb.vision, base.vision)
+    assert R.LEGACY_DEFAULTS["ret_vision"] is True and "ret_vision" in R.RET_FIELDS
+
+
 def test_icm_cost_counts_fewer_tokens_and_restores_the_mode(small, world):
     cfg, theta, emb, _ = small
     _, root = world
