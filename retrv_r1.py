@@ -203,7 +203,7 @@ class Config:
     warmup_copy_steps: int = 0  # the first N of warmup_steps are words-only copies: text query -> "ideal :" its caption
     warmup_copy_check_frac: float = 0.0  # share of words-only check sequences among the copy steps' (the rest: copies)
     # --- coarse retriever phi (section 5) ---------------------------------------------------
-    ret_steps: int = 250  # InfoNCE steps (400 until the thirty-first session)
+    ret_steps: int = 300  # InfoNCE steps (400 until the thirty-first session)
     ret_lr: float = 5e-4  # AdamW lr
     ret_batch: int = 32  # queries per step (in-batch negatives = the other queries' candidates)
     ret_hard_negs: int = 4  # hard negatives per query from neg_cand_list
