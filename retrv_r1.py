@@ -1504,6 +1504,12 @@ class Backbone(nn.Module):
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text.get_input_embeddings()(ids)  # (B, T) -> (B, T, D)
 
+    def freeze_vision(self) -> None:
+        """Stop the vision encoder and connector learning; their tokens can then be computed once per
+        image (Embedder(..., frozen_vision=True)). phi (by default), theta and the probe use it."""
+        for p in list(self.vision.parameters()) + list(self.connector.parameters()):
+            p.requires_grad_(False)
+
     def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> visual tokens (N, n_img, D): SigLIP-style encoder, pixel shuffle, linear."""
         x = pixels.to(self.device, torch.float32) / 255.0
@@ -1708,27 +1714,26 @@ def lm_batch(bb: Backbone, rows: list[list[tuple]]) -> tuple[torch.Tensor, torch
     return x, mask, labels.to(x.device)
 
 
-def lm_loss(bb: Backbone, x, mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy on labelled positions. Returns (loss, predictions (B,T-1), valid (B,T-1))."""
-    _, logits, _ = bb.lm(x, attention_mask=mask)
+def lm_loss(bb: Backbone, x, mask, labels, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on labelled positions (their mean, or their sum with reduction="sum").
+    Returns (loss, predictions (B,T-1), valid (B,T-1))."""
+    _, logits, _ = bb.lm(x, attention_mask=mask)  # (B, T, V)
     logits, tgt = logits[:, :-1], labels[:, 1:]
     valid = tgt != -100
-    loss = F.cross_entropy(logits[valid].float(), tgt[valid])
+    loss = F.cross_entropy(logits[valid].float(), tgt[valid], reduction=reduction)
     return loss, logits.argmax(-1), valid
 
 
 def bucketed_lm_loss(bb: Backbone, rows: list[list[tuple]], buckets: int) -> tuple[torch.Tensor, int, int]:
     """lm_loss of lm_batch(rows), computed in length_buckets: the same mean over every labelled token of
     the batch, with less padding. -> (loss, tokens predicted right, labelled tokens)."""
-    seg_len = lambda seg: len(seg[1]) if seg[0] == "ids" else seg[1].shape[0]
+    seg_len = lambda seg: len(seg[1]) if seg[0] == "ids" else seg[1].shape[0]  # tokens of one segment
     total, right, count = 0.0, 0, 0
     for group in length_buckets([sum(seg_len(seg) for seg in row) for row in rows], buckets):
-        x, mask, labels = lm_batch(bb, [rows[i] for i in group])
-        _, logits, _ = bb.lm(x, attention_mask=mask)
-        logits, tgt = logits[:, :-1], labels[:, 1:]
-        valid = tgt != -100
-        total = total + F.cross_entropy(logits[valid].float(), tgt[valid], reduction="sum")
-        right += (logits.argmax(-1)[valid] == tgt[valid]).sum().item()
+        x, mask, labels = lm_batch(bb, [rows[i] for i in group])  # (b, T_group, D), (b, T_group), (b, T_group)
+        loss_sum, pred, valid = lm_loss(bb, x, mask, labels, reduction="sum")
+        total = total + loss_sum
+        right += ((pred == labels[:, 1:]) & valid).sum().item()
         count += int(valid.sum())
     return total / max(1, count), right, count
 
@@ -1852,8 +1857,7 @@ def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: boo
     bb = base_backbone(cfg).to(dev)
     ret = Retriever(bb, cfg.ret_dim, cfg.ret_pool, cfg.ret_order, cfg.buckets).to(dev)
     if not cfg.ret_vision:  # only the LM and the projection W learn; an image's tokens are computed once
-        for p in list(bb.vision.parameters()) + list(bb.connector.parameters()):
-            p.requires_grad_(False)
+        bb.freeze_vision()
     emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=not cfg.ret_vision)
     train = load_split(cfg.data_root, "train", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
     pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i] and keep(ts.queries[i]["qid"])]
@@ -3821,9 +3825,8 @@ def cross_encoder_probe(cfg: Config, split: str | None = None, verbose: bool = T
     if not train:
         raise RetrvError("the probe has no train query whose positive is in phi's top-K")
     bb = base_backbone(cfg).to(dev)
-    if not cfg.probe_vision:
-        for prm in list(bb.vision.parameters()) + list(bb.connector.parameters()):
-            prm.requires_grad_(False)  # as in SFT: the vision side is frozen, so its tokens are computed once
+    if not cfg.probe_vision:  # as in SFT: the vision side is frozen, so its tokens are computed once
+        bb.freeze_vision()
     emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=not cfg.probe_vision)
     head = nn.Linear(bb.D, 1).to(dev)
     with torch.no_grad():  # step 0 = the LM's own verdict: logit("match") - logit("differs")
