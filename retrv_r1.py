@@ -89,7 +89,11 @@ Deviations from the paper
   (the last token's state instead / as well) were no better beyond noise (README, "Experiments on val").
   InfoNCE trains the LM and the projection only: the vision encoder and connector stay as the
   warm-up left them (as theta's do in stages 1-3; --ret-vision trains them too, the default until
-  the thirty-first session), so each image's tokens are computed once, not every step.
+  the thirty-first session), so each image's tokens are computed once, not every step. A step
+  holds 48 queries, each with its positive and 2 of its hard negatives (32 x 4 until the
+  thirty-second session), and the world has 600 train queries per task (300 before): most of what
+  outranks a positive in a test pool comes from other queries' groups, and with 300 phi memorised
+  its training queries (README, "Experiments on val").
 * ICM: each ATT is one pre-norm cross-attention block (+MLP); a learnable position table is added
   to T_c (word embeddings carry no order); e_con and e_rel are separate vectors. Self-alignment
   targets are the frozen LM's own greedy descriptions from full tokens ("caption :" / "relation :"
