@@ -93,7 +93,7 @@ Deviations from the paper
   holds 48 queries, each with its positive and 2 of its hard negatives (32 x 4 until the
   thirty-second session), and the world has 600 train queries per task (300 before): most of what
   outranks a positive in a test pool comes from other queries' groups, and with 300 phi memorised
-  its training queries (README, "Experiments on val").
+  its training queries (README, "phi's recipe, chosen on an independent draw of the world").
 * ICM: each ATT is one pre-norm cross-attention block (+MLP); a learnable position table is added
   to T_c (word embeddings carry no order); e_con and e_rel are separate vectors. Self-alignment
   targets are the frozen LM's own greedy descriptions from full tokens ("caption :" / "relation :"
@@ -1613,7 +1613,7 @@ class Embedder:
 
     def __init__(self, bb: Backbone, cache: ImageCache, max_txt: int = 64, frozen_vision: bool = False):
         self.bb, self.cache, self.max_txt = bb, cache, max_txt
-        # with the vision side frozen (stages 1-3) an image's tokens never change: compute once
+        # with the vision side frozen (phi by default, stages 1-3, the probe) an image's tokens never change: compute once
         self.vis_cache: dict | None = {} if frozen_vision else None
 
     def visual(self, items: list[dict]) -> torch.Tensor:
@@ -1765,6 +1765,9 @@ def bucketed_lm_loss(bb: Backbone, rows: list[list[tuple]], buckets: int) -> tup
 # reading of the visual tokens, each image is encoded once (Embedder's cache), and a step costs the LM
 # alone. Every batch is encoded in --buckets length buckets (length_buckets): images are 16 tokens,
 # captions about 8, a composed query about 22, and one padded batch was 20-37% padding.
+# A step holds B = --ret-batch queries, each with its positive and H = --ret-hard-negs of its hard
+# negatives (48 x 2 by default): in a test pool most of what outranks a positive belongs to other
+# queries' groups, which only in-batch negatives teach (16 x 10 was far worse than 32 x 4 or 48 x 2).
 
 
 RET_POOLS = ("mean", "last", "mean_last")
