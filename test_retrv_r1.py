@@ -111,11 +111,16 @@ def test_unknown_preset_and_field_are_clear_errors():
 
 # ---------------------------------------------------------------- 3. the synthetic world
 def test_world_is_deterministic(world, tmp_path):
+    """The same bytes in every file again, whether the (split, task) parts ran side by side (the fixture:
+    --threads 0, one process per core) or one after another in this process (--threads 1)."""
     cfg, root = world
-    again = R.generate_world(cfg, tmp_path / "again", verbose=False)
-    for f in sorted((root / "query").rglob("*.jsonl")):
-        assert f.read_text() == (again / f.relative_to(root)).read_text()
+    again = R.generate_world(dataclasses.replace(cfg, threads=1), tmp_path / "again", verbose=False)
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for f in files:
+        assert (root / f).read_bytes() == (again / f).read_bytes(), f
     assert (root / "mbeir_images").exists() and (root / "qrels" / "test").exists()
+    assert any(f.suffix == ".png" for f in files)
 
 
 def test_hard_negatives_differ_by_one_change():
