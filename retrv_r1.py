@@ -59,14 +59,14 @@ Deviations from the paper
   the warm-up (--warmup-probe 1.0, the default since the thirty-third session): a dense signal for
   the vision side, which lets 500 steps do what 600 did without it (README, "A shorter warm-up").
   An optional extra, off by default because it did not help on val (README, "Experiments"):
-  "ideal" sequences, query -> caption of its target (--warmup-ideal-frac). More for the phase-3 verdict (match or differs), which
-  the tiny LM never learns from full tokens -- nor, greedily, on words alone (README, "Diagnosis"
-  4): --warmup-match-frac (more matching pairs), --relation-format objects (check every object,
-  then the verdict), --relation-format shows (caption the candidate, then check it against the
-  ideal), --relation-format aligned (each attribute next to the ideal's, compared right away: the
-  only format whose verdict catches one-change negatives -- 0.72 after 800 words-only steps, 0.42
-  with images in the default 600-step warm-up, 0.66 in the 1200-step warm-up of the `aligned`
-  preset), --warmup-check-frac (the same check on words only, mixed into every batch) and
+  "ideal" sequences, query -> caption of its target (--warmup-ideal-frac). More for the phase-3
+  verdict (match or differs), which the tiny LM never learns from full tokens -- nor, greedily, on
+  words alone (README, "Diagnosis" 4): --warmup-match-frac (more matching pairs), --relation-format
+  objects (check every object, then the verdict), --relation-format shows (caption the candidate,
+  then check it against the ideal), --relation-format aligned (each attribute next to the ideal's,
+  compared right away: the only format whose verdict catches one-change negatives -- 0.72 after 800
+  words-only steps, 0.42 with images in a 600-step warm-up, 0.66 in the 1200-step warm-up of the
+  `aligned` preset), --warmup-check-frac (the same check on words only, mixed into every batch) and
   --warmup-scramble-frac (relation candidates with every attribute redrawn, against the copy
   shortcut of phase 3: README, "the aligned configuration end to end"), and --caption-order shape
   (a world whose captions put the shape first, so that phase 3's lookup reads on from the shape:
