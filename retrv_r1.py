@@ -138,6 +138,7 @@ import inspect
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -1114,11 +1115,9 @@ def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = 
     # side where fork exists (--threads caps the processes); the files are the same either way
     jobs = [(cfg, tmp, si, split, n, task) for si, (split, n) in enumerate(sizes.items()) for task in tasks]
     workers = min(len(jobs), cfg.threads or os.cpu_count() or 1)
-    import multiprocessing as mp
-
     with tqdm(total=total, desc=f"world -> {root}", disable=not verbose) as bar:
-        if workers > 1 and "fork" in mp.get_all_start_methods():
-            with mp.get_context("fork").Pool(workers) as pool:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
                 for n in pool.imap_unordered(_world_part, jobs):
                     bar.update(n)
         else:
