@@ -294,8 +294,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the best phi and SFT measured on CPU, at about twice the default's time (README: "the aligned
     # configuration end to end"): relations as aligned checks, a twice-as-long warm-up, longer traces,
     # an RL pool balanced over phi's ranks (the "hard" pool taught this SFT model to answer rank 2)
-    # (it keeps the warm-up batch without the probe, phi's recipe and trained vision side, and the 300 train queries per task
-    # it was measured with: a world of its own, tiny300, whose val and test are the tiny world's)
+    # (it keeps what it was measured with: the warm-up batch without the probe, phi's recipe and trained
+    # vision side, and 300 train queries per task -- a world of its own, tiny300, whose val and test are
+    # the tiny world's)
     "aligned": dict(relation_format="aligned", warmup_steps=1200, max_new=256, grpo_pool_mode="balanced",
                     warmup_batch=64, warmup_probe=0.0, ret_steps=400, ret_vision=True, world="tiny300", n_train=300,
                     ret_batch=32, ret_hard_negs=4),
@@ -1138,7 +1139,8 @@ def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = 
 
 def _world_part(job: tuple) -> int:
     """One (split, task) of generate_world: its images, query file, local pool and qrels under tmp.
-    -> the number of queries written. Module-level, so that a process pool can run it."""
+    job = (cfg, tmp, si, split, n, task), si the split's index (0 train, 1 val, 2 test: part of every id),
+    n its queries per task. -> n. Module-level, so that a process pool can run it."""
     cfg, tmp, si, split, n, task = job
     use_caption_order(cfg)
     # every (split, task) has its own stream, so changing n_test never changes train
