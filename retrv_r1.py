@@ -16,13 +16,14 @@ a curriculum reward that makes every inspection cost more as training goes on.
 
 Commands (CPU, offline; the default `tiny` preset generates its own data and backbone):
 
-    pip install -r requirements.txt
+    pip install torch==2.13.0 -r requirements.txt
     python retrv_r1.py train                     # every stage on the tiny preset
     python retrv_r1.py eval                      # R@1/5/10 per task -> runs/tiny/eval_test.json
-                                                 # (every command but `data` reads the run's config.json)
-    python retrv_r1.py eval --stage probe --split val   # can this backbone tell phi's candidates apart?
-    python retrv_r1.py train --preset smoke      # a 1-2 minute pass, what tests and notebooks use
-    python retrv_r1.py train --preset aligned    # aligned checks, 1200 warm-up steps: better phi / SFT, ~40 min
+    python retrv_r1.py demo                      # one query: phi's top-K, theta's trace, a picture
+    python retrv_r1.py ablate                    # the paper's ablation rows
+    python retrv_r1.py bench                     # sampler speed, ICM vs full tokens, step times
+    python retrv_r1.py train --preset smoke      # a 1-2 minute pass (tests and notebooks)
+    python retrv_r1.py --help                    # every command and flag
 
 One GPU, pretrained SmolVLM (weights from the hub or a local directory):
 
@@ -30,7 +31,7 @@ One GPU, pretrained SmolVLM (weights from the hub or a local directory):
 
 Sections (read top to bottom; nothing is used before it is defined):
 
-    1. Config                 Config dataclass, presets (smoke / tiny / aligned / smolvlm), argparse from the fields
+    1. Config                 Config dataclass, presets (smoke / tiny / smolvlm), the CLI's flags
     2. Utilities              seeding, device/dtype choice, masked means, atomic checkpoints, metric logs
     3. Data                   the synthetic world -> M-BEIR layout; the M-BEIR reader (ours or the real one)
     4. Backbone               word-level tokenizer, Idefics3/SmolVLM (tiny random-init or pretrained)
@@ -42,8 +43,7 @@ Sections (read top to bottom; nothing is used before it is defined):
    10. Stage 1                ICM self-alignment (LM frozen)
    11. Stage 2                synthetic four-phase CoT and SFT activation (LoRA for pretrained LMs)
    12. Stage 3                GRPO with the curriculum result-efficiency reward
-   13. Evaluation             M-BEIR Recall@k (hit rate), reranking, efficiency, demo; a cross-encoder
-                              probe of the backbone (`eval --stage probe`: a diagnostic, not the paper)
+   13. Evaluation             M-BEIR Recall@k (hit rate), reranking, efficiency, demo, ablate, bench
    14. CLI                    data | train | eval | demo | ablate | bench
 
 Deviations from the paper
@@ -53,92 +53,46 @@ Deviations from the paper
   pretrained SmolVLM checkpoint (GPU). Pretrained images are resized to one square tile (no
   SmolVLM image splitting).
 * Stage 0 (warm-up) does not exist in the paper: a random-initialised backbone knows nothing, so
-  we first teach it to caption scenes and to describe query-candidate differences from full
-  tokens. This stands in for the knowledge of a pretrained VLM and is skipped for pretrained ones.
-  A throw-away linear probe reads every cell's shape / colour / size off the visual tokens during
-  the warm-up (--warmup-probe 1.0, the default since the thirty-third session): a dense signal for
-  the vision side, which lets 500 steps do what 600 did without it (README, "A shorter warm-up").
-  An optional extra, off by default because it did not help on val (README, "Experiments"):
-  "ideal" sequences, query -> caption of its target (--warmup-ideal-frac). More for the phase-3
-  verdict (match or differs), which the tiny LM never learns from full tokens -- nor, greedily, on
-  words alone (README, "Diagnosis" 4): --warmup-match-frac (more matching pairs), --relation-format
-  objects (check every object, then the verdict), --relation-format shows (caption the candidate,
-  then check it against the ideal), --relation-format aligned (each attribute next to the ideal's,
-  compared right away: the only format whose verdict catches one-change negatives -- 0.72 after 800
-  words-only steps, 0.42 with images in a 600-step warm-up, 0.66 in the 1200-step warm-up of the
-  `aligned` preset), --warmup-check-frac (the same check on words only, mixed into every batch) and
-  --warmup-scramble-frac (relation candidates with every attribute redrawn, against the copy
-  shortcut of phase 3: README, "the aligned configuration end to end"), and --caption-order shape
-  (a world whose captions put the shape first, so that phase 3's lookup reads on from the shape:
-  faster on words only, no better with images -- README, "Shape-first captions"), and
-  --warmup-copy-steps (a words-only phase that copies text queries into "ideal :" first: it fixes
-  phase 1's copy of a text query, and the check then copies the ideal instead of the candidate;
-  --warmup-copy-check-frac mixes words-only checks into that phase: the best warm-up check so far,
-  which SFT then forgets -- README, "theta cannot copy a shape word").
+  it first learns to caption scenes and to describe query-candidate differences from full tokens.
+  This stands in for the knowledge of a pretrained VLM and is skipped for pretrained ones. A
+  throw-away linear probe reads every cell's shape / colour / size off the visual tokens during the
+  warm-up: a dense signal for the vision side (--warmup-probe).
 * Data: a synthetic world of coloured shapes on a 3x3 grid written in the M-BEIR layout (task
-  ids 0, 3, 4, 7), with one-change hard negatives (--neg-structure star, the default: the target
-  is the hub of its negatives, a query-blind shortcut) or the 16 corners of a 4-cube of
-  independent changes (--neg-structure cube: no hub; the warm-up then draws its relation pairs
-  from the cube too), instead of the 16 M-BEIR evaluations. The
-  reader also accepts the real M-BEIR root. Scene graphs travel in the M-BEIR `src_content`
-  field as JSON.
-* Coarse retriever phi: the paper uses an existing MLLM embedding model (LamRA-style). Here phi
-  is a copy of the warmed-up backbone, mean-pooled and projected, trained with InfoNCE on the
-  train split. A composed query (image + edit text) is read text first (--ret-order text_image,
-  the default since the thirtieth session): under causal attention the image's tokens, most of
-  the mean, can then read the edit; image first, they never saw it and the query embedded as its
-  source image (composed R@8 on val 0.70-0.86 in five runs -> 0.92). --ret-pool last / mean_last
-  (the last token's state instead / as well) were no better beyond noise (README, "Experiments on val").
-  InfoNCE trains the LM and the projection only: the vision encoder and connector stay as the
-  warm-up left them (as theta's do in stages 1-3; --ret-vision trains them too, the default until
-  the thirty-first session), so each image's tokens are computed once, not every step. A step
-  holds 48 queries, each with its positive and 2 of its hard negatives (32 x 4 until the
-  thirty-second session), and the world has 600 train queries per task (300 before): most of what
-  outranks a positive in a test pool comes from other queries' groups, and with 300 phi memorised
-  its training queries (README, "phi's recipe, chosen on an independent draw of the world").
+  ids 0, 3, 4, 7) instead of the 16 M-BEIR evaluations, with one-change hard negatives
+  (--neg-structure star: the target is the hub of its negatives, so a query-blind rule can find it;
+  `eval` prints that control) or the corners of a 4-cube of independent changes (cube: no hub).
+  The reader also accepts the real M-BEIR root. Scene graphs travel in `src_content` as JSON.
+* Coarse retriever phi: the paper uses an existing MLLM embedding model (LamRA-style). Here phi is
+  a copy of the warmed-up backbone, mean-pooled and projected, trained with InfoNCE on the train
+  split; its vision encoder and connector stay frozen. A composed query (image + edit) is read text
+  first, so that under causal attention the image's tokens can attend to the edit.
 * ICM: each ATT is one pre-norm cross-attention block (+MLP); a learnable position table is added
   to T_c (word embeddings carry no order); e_con and e_rel are separate vectors. Self-alignment
   targets are the frozen LM's own greedy descriptions from full tokens ("caption :" / "relation :"
   prompts learned in the warm-up).
 * Synthetic CoT: a rule-based teacher over scene graphs instead of Qwen2.5-VL-72B. Its
-  "eliminate" phase treats color / size changes as visible in the compressed view and shape /
+  "eliminate" phase treats colour / size changes as visible in the compressed view and shape /
   position / swap changes as needing inspection. Real M-BEIR data get a format-only trace, or
-  teacher CoTs read from a JSONL file (`--cot-file`). Three switches against phase 3's copy
-  shortcut (aligned checks), off by default because none taught the lookup on val (README, "the aligned
-  configuration end to end"): --sft-lookup-weight (weigh the ideal's differing values in the loss),
-  --cot-restate (restate the ideal just before each inspection) and --sft-replay n (warm-up
-  relation sequences in every SFT step, which keeps the warm-up's check: SFT alone forgets it).
+  teacher CoTs read from a JSONL file (--cot-file).
 * GRPO: rollouts at temperature 1; log-probs are the untempered model's; with mu = 1 the ratio is
   1 (the clip never binds) and the update is REINFORCE with a group baseline plus the KL term.
-  RL queries are the train queries the SFT model gets wrong first (--grpo-pool-mode all: a
-  random sample of the train distribution instead; balanced: phi's rank 1 / 2 / 3+ in equal shares,
-  since the SFT model's failures favour whichever rank it does not answer).
-* Training data for theta: phi's top-K of the train queries, in phi's order -- the same queries
-  phi was trained on, so their rank statistics are rosier than at test time (README, "Diagnosis").
-  Three switches for experiments, all off by default: --ret-holdout f keeps a share f of the train
-  queries away from phi for SFT/GRPO; --ret-folds F gives theta out-of-fold top-K lists instead
-  (cross-fitting: F extra phi trainings, each blind to one fold, each query ranked in a pool the
-  size of a test pool); --cand-order shuffle trains on shuffled candidate orders.
-* Scale: K = 8 (paper: 50), a few hundred optimiser steps per stage on CPU. The ICM's speed-up
-  is measured at SmolVLM-256M's LM shape without downloading it (`bench --preset shape256m`,
-  random weights): 2.9x faster reranks at K = 8, 10.3x at K = 32 (tiny preset: 1.9x / 3.2x).
+  RL queries are the train queries the SFT model gets wrong first.
+* Training data for theta: phi's top-K of the train queries, in phi's order -- the queries phi was
+  trained on, so their rank statistics are rosier than at test time.
+* Scale: K = 8 (paper: 50), a few hundred optimiser steps per stage on CPU.
 
-Determinism: on CPU the same seed gives the same checkpoints and the same eval JSON, interrupted
-and resumed or not (tests check it). On CUDA, cuBLAS/SDPA kernels are not bit-deterministic by
-default; `--deterministic` turns on torch.use_deterministic_algorithms (slower) and sets
-CUBLAS_WORKSPACE_CONFIG.
+Determinism: on CPU the same seed and thread count give the same checkpoints and the same eval
+JSON, interrupted and resumed or not (tests check it). CUDA kernels are not bit-deterministic.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import inspect
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -163,192 +117,142 @@ from tqdm.auto import tqdm
 # =============================================================================================
 
 
+def arg(default, help: str):
+    """A Config field with the one line `--help` shows for its flag."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
-    # --- run -----------------------------------------------------------------------------
-    preset: str = "tiny"  # smoke | tiny | aligned | smolvlm | shape256m (named bundles of the fields below)
-    seed: int = 0  # one seed for data, init, batching and sampling
-    run_dir: str = ""  # checkpoints + metrics; "" -> runs/<preset>
-    data_root: str = ""  # M-BEIR root (ours or the real one); "" -> data/<preset world>
-    stages: str = "all"  # train: all | comma list of warmup,retriever (later: icm,sft,grpo)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    deterministic: bool = False  # torch.use_deterministic_algorithms (GPU runs; CPU already is)
-    threads: int = 0  # torch CPU threads (and world-writing processes); 0 -> all cores
-    buckets: int = 4  # warm-up and phi batches run in N length buckets (padded per bucket: the same loss, less padding); 1 = one padded batch
-    # --- the synthetic world (section 3) ----------------------------------------------------
-    world: str = "tiny"  # name of the generated world; data lives in data/synthetic-<world>
-    tasks: str = "0,3,4,7"  # M-BEIR task ids to generate: t->i, i->t, i->i, (i,t)->i
-    n_train: int = 600  # train queries per task (300 until the thirty-second session: phi memorised them)
-    n_val: int = 50  # val queries per task
-    n_test: int = 100  # test queries per task
-    n_hard_neg: int = 15  # one-change hard negatives per target, all in the local pool
-    neg_structure: str = "star"  # star: every hard negative one change from the target | cube: the 16 corners of 4 independent changes (see make_group)
-    image_size: int = 64  # rendered scene side in pixels
-    caption_order: str = "attr"  # how scenes are written: attr 'a large red circle top left' | shape 'circle red large top left'
-    # --- backbone (section 4) -------------------------------------------------------------
-    backbone: str = "tiny"  # "tiny" (random init, offline) or an Idefics3/SmolVLM dir / hub id
-    vision_hidden: int = 128  # tiny: SigLIP-style vision width
-    vision_layers: int = 2  # tiny: vision transformer layers
-    patch_size: int = 8  # tiny: 64/8 = 8x8 patches -> pixel shuffle x2 -> 16 visual tokens
-    text_hidden: int = 256  # tiny: Llama width D
-    text_layers: int = 4  # tiny: Llama layers
-    text_heads: int = 4  # tiny: attention heads
-    text_kv_heads: int = 2  # tiny: grouped-query KV heads
-    text_mlp: int = 512  # tiny: MLP width
-    tie_embeddings: bool = False  # tiny: the LM head is the input embedding table (SmolLM2 / SmolVLM tie theirs)
-    # --- stage 0: warm-up (section 9) -------------------------------------------------------
-    warmup_steps: int = 500  # optimiser steps on captions + relation descriptions (600 until the thirty-third session)
-    warmup_lr: float = 1e-3  # AdamW lr (2e-3 left shape at chance in the prototype)
-    warmup_batch: int = 48  # sequences per step (64 until the thirty-first session; 32 left colour unlearned at 600 steps)
-    warmup_rel_frac: float = 0.5  # share of relation (query-candidate difference) sequences among the rest
-    warmup_ideal_frac: float = 0.0  # share of "ideal" sequences (query -> caption of its target), drawn first
-    relation_format: str = "sentence"  # how relations are written (warm-up, alignment check, CoT phase 3): sentence | objects | shows | aligned
-    warmup_check_frac: float = 0.0  # share of text-only "check" sequences: ideal caption, candidate caption -> relation
-    warmup_match_frac: float = 0.0  # > 0: share of relation sequences whose candidate IS the target (0: 1 in 4, drawn)
-    warmup_scramble_frac: float = 0.0  # share of relation candidates replaced by the target with every colour, size and cell redrawn
-    warmup_probe: float = 1.0  # weight of the attribute-probe loss on the visual tokens (0 = off, as until the thirty-third session; warm-up only)
-    warmup_copy_steps: int = 0  # the first N of warmup_steps are words-only copies: text query -> "ideal :" its caption
-    warmup_copy_check_frac: float = 0.0  # share of words-only check sequences among the copy steps' (the rest: copies)
-    # --- coarse retriever phi (section 5) ---------------------------------------------------
-    ret_steps: int = 250  # InfoNCE steps (400 until the thirty-first session, 300 in it)
-    ret_lr: float = 5e-4  # AdamW lr
-    ret_batch: int = 48  # queries per step (in-batch negatives = the other queries' candidates; 32 until the thirty-second session)
-    ret_hard_negs: int = 2  # hard negatives per query from neg_cand_list (4 until the thirty-second session)
-    ret_tau: float = 0.05  # InfoNCE temperature
-    ret_dim: int = 128  # embedding width after the projection
-    ret_pool: str = "mean"  # how phi pools the LM's states: mean (all tokens) | last (the last token) | mean_last (their sum)
-    ret_order: str = "text_image"  # phi's token order for an item with both: text_image (the image's tokens read the text) | image_text
-    ret_vision: bool = False  # phi also trains the vision encoder + connector (False: frozen like theta's, each image's tokens computed once)
-    ret_holdout: float = 0.0  # share of train queries phi never sees; SFT and GRPO then use only those
-    ret_folds: int = 0  # >= 2: theta trains on out-of-fold top-K (phi_f never saw fold f's queries); 0 = off
-    # --- ICM (section 6) -------------------------------------------------------------------
-    icm_mode: str = "both"  # both: [t_con, t_rel] | con: t_con only | rel: t_rel only | off: full T_c
-    icm_heads: int = 4  # attention heads of ATT1, ATT2, ATT1'
-    icm_max_len: int = 96  # longest candidate token sequence the ICM's position table covers
-    # --- sampler (section 7) ----------------------------------------------------------------
-    max_new: int = 128  # generated tokens per trace (spliced observation tokens not counted)
-    temperature: float = 1.0  # sampling temperature (GRPO rollouts)
-    top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
-    # --- stage 1: ICM self-alignment (section 10) ---------------------------------------------
-    align_steps: int = 200  # optimiser steps, LM and vision frozen, ICM trained
-    align_lr: float = 1e-3  # AdamW lr of the ICM
-    align_batch: int = 48  # (query, candidate) pairs per step
-    # --- stage 2: synthetic CoT + SFT (section 11) -------------------------------------------
-    sft_steps: int = 400  # optimiser steps on teacher traces
-    sft_lr: float = 5e-4  # AdamW lr (LM + ICM; LoRA adapters for pretrained backbones)
-    sft_batch: int = 16  # traces per step
-    sft_from: str = "icm"  # icm: start from the aligned ICM | none: fresh ICM (the w/o self-alignment ablation)
-    lora_r: int = 16  # LoRA rank (pretrained backbones only; the tiny LM is fully fine-tuned)
-    cot_file: str = ""  # optional JSONL of teacher CoTs {"qid", "trace"} from a large MLLM
-    cot_mode: str = "full"  # full: four phases | noinsp: no inspection phase | direct: answer only (ablations)
-    cot_restate: bool = False  # phase 3: restate the ideal before each inspection (ideal, candidate, relation: the warm-up's order)
-    inspect: bool = True  # allow details inspection when sampling (False: the w/o-inspection ablation)
-    cand_order: str = "phi"  # order of the K candidates in SFT/GRPO prompts: phi | shuffle (eval: always phi)
-    sft_views: int = 1  # with cand_order=shuffle: shuffled copies of each train query's top-K in the SFT data
-    sft_lookup_weight: float = 1.0  # aligned traces: SFT loss weight on the ideal's value where it differs from the candidate's (lookup_weights)
-    sft_replay: int = 0  # warm-up relation sequences added to every SFT step (0: none), so SFT does not forget the warm-up's check
-    sft_replay_wrap: str = "plain"  # replayed candidates as in the warm-up ("candidate :") | trace: in the trace's <insp_s> k <insp_e> <full>..</full>
-    # --- stage 3: GRPO (section 12) -------------------------------------------------------------
-    grpo_steps: int = 60  # N_iter: RL steps (lam_i = i / N_iter)
-    grpo_batch: int = 8  # queries per step (B)
-    G: int = 8  # rollouts per query
-    grpo_mu: int = 1  # inner updates per batch of rollouts (mu)
-    grpo_lr: float = 1e-4  # AdamW lr
-    eps_clip: float = 0.2  # PPO clip range epsilon
-    beta: float = 0.04  # weight of the k3 KL to the frozen SFT reference (0 = no reference model)
-    grpo_agg: str = "token"  # token: mean over all tokens | seq: mean per sequence, then over sequences
-    grpo_clip: float = 1.0  # gradient-norm clip
-    grpo_pool: int = 256  # RL queries
-    grpo_pool_mode: str = "hard"  # hard: the SFT model's failures first | all: train distribution (online filter) | balanced: phi rank 1 / 2 / 3+ in equal shares
-    grpo_from: str = "sft"  # sft | icm (the w/o-SFT ablation: RL straight from the aligned model)
-    fixed_lambda: float = -1.0  # >= 0: fixed lam instead of the curriculum (ablation: 0.5)
-    # --- reranking / evaluation (section 13) ------------------------------------------------
-    K: int = 8  # rerank depth: phi's top-K go to theta (paper: K = 50)
-    split: str = "test"  # eval: val | test
-    stage: str = ""  # eval: coarse | sft | grpo | probe ("" -> the furthest trained; probe: see cross_encoder_probe)
-    eval_batch: int = 256  # items per embedding batch
-    rerank_batch: int = 32  # queries theta reranks at once
-    qid: str = ""  # demo: which query
-    probe_steps: int = 400  # eval --stage probe: steps of the cross-encoder probe (a diagnostic, not the paper)
-    probe_lr: float = 5e-4  # eval --stage probe: AdamW lr of the probe (LM + linear head; vision frozen)
-    probe_batch: int = 8  # eval --stage probe: queries per step (x K scored pairs)
-    probe_lists: str = "phi"  # eval --stage probe: phi (phi's top-K) | easy (the positive + K-1 candidates of other queries)
-    probe_vision: bool = False  # eval --stage probe: also train the vision tower and connector (frozen by default, as in SFT)
-    bench_smoke: bool = True  # bench: also time `train --preset smoke` in a temp dir
-    bench_parts: str = "sampler,icm,steps"  # bench: which figures (sampler: throughput | icm: ICM vs full tokens | steps: SFT/GRPO step times)
-    bench_ks: str = "4,8,16,32"  # bench: the rerank depths K at which ICM and full tokens are timed
-    rows: str = ""  # ablate: comma list of rows ("" = all)
-    log_every: int = 25  # steps between metric lines
-    ckpt_every: int = 50  # mid-stage checkpoint every N optimiser steps (0 = only at the end)
-    stop_after: int = 0  # stop a stage after N steps of this run, checkpointed (tests; 0 = never)
+    # --- run -------------------------------------------------------------------------------------
+    preset: str = arg("tiny", "smoke | tiny | smolvlm: a named bundle of the settings below")
+    seed: int = arg(0, "one seed for data, initialisation, batching and sampling")
+    run_dir: str = arg("", 'checkpoints, metrics and results ("" = runs/<preset>)')
+    data_root: str = arg("", 'an M-BEIR root, ours or the real one ("" = data/synthetic-<world>)')
+    stages: str = arg("all", "train: all, or a comma list of warmup,retriever,icm,sft,grpo")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = arg(0, "torch CPU threads (0 = all cores)")
+    # --- the synthetic world (section 3) ---------------------------------------------------------
+    world: str = arg("tiny", "name of the generated world: data/synthetic-<world>")
+    tasks: str = arg("0,3,4,7", "M-BEIR task ids to generate: 0 t->i, 3 i->t, 4 i->i, 7 (i,t)->i")
+    n_train: int = arg(600, "train queries per task")
+    n_val: int = arg(50, "val queries per task")
+    n_test: int = arg(100, "test queries per task")
+    n_hard_neg: int = arg(15, "hard negatives per query, all in the task's local pool")
+    neg_structure: str = arg("star", "star: every negative one change from the target | cube: corners of 4 changes")
+    # --- backbone (section 4) --------------------------------------------------------------------
+    backbone: str = arg("tiny", 'tiny (random init, offline) or an Idefics3/SmolVLM directory or hub id')
+    # --- stage 0: warm-up (section 9) ------------------------------------------------------------
+    warmup_steps: int = arg(500, "warm-up optimiser steps (tiny backbone only)")
+    warmup_lr: float = arg(1e-3, "warm-up AdamW learning rate")
+    warmup_batch: int = arg(48, "warm-up sequences per step")
+    warmup_probe: float = arg(1.0, "weight of the attribute-probe loss on the visual tokens (0 = off)")
+    warmup_check_frac: float = arg(0.0, "share of words-only check sequences: ideal, candidate -> relation")
+    warmup_copy_steps: int = arg(0, "the first N warm-up steps are words-only copies: text query -> its caption")
+    # --- coarse retriever phi (section 5) --------------------------------------------------------
+    ret_steps: int = arg(250, "phi: InfoNCE steps")
+    ret_lr: float = arg(5e-4, "phi: AdamW learning rate")
+    ret_batch: int = arg(48, "phi: queries per step (the others' candidates are in-batch negatives)")
+    ret_hard_negs: int = arg(2, "phi: hard negatives per query and step")
+    # --- ICM (section 6) -------------------------------------------------------------------------
+    icm_mode: str = arg("both", "a candidate in the prompt: both [t_con, t_rel] | con | rel | off (full tokens)")
+    # --- stage 1: ICM self-alignment (section 10) ------------------------------------------------
+    align_steps: int = arg(200, "self-alignment optimiser steps (only the ICM learns)")
+    align_lr: float = arg(1e-3, "self-alignment AdamW learning rate")
+    align_batch: int = arg(48, "self-alignment (query, candidate) pairs per step")
+    # --- stage 2: synthetic CoT + SFT (section 11) -----------------------------------------------
+    sft_steps: int = arg(400, "SFT optimiser steps on the teacher's traces")
+    sft_lr: float = arg(5e-4, "SFT AdamW learning rate (LM + ICM; LoRA for pretrained LMs)")
+    sft_batch: int = arg(16, "SFT traces per step")
+    sft_from: str = arg("icm", "icm: start from the aligned ICM | none: a fresh ICM (w/o self-alignment)")
+    cot_mode: str = arg("full", "full: four phases | noinsp: no inspection phase | direct: answer only")
+    cot_file: str = arg("", 'optional JSONL of teacher CoTs {"qid", "trace"} from a large MLLM')
+    inspect: bool = arg(True, "allow details inspection when sampling (--no-inspect: the ablation)")
+    # --- stage 3: GRPO (section 12) --------------------------------------------------------------
+    grpo_steps: int = arg(60, "N_iter: RL steps (lambda_i = i / N_iter)")
+    grpo_lr: float = arg(1e-4, "GRPO AdamW learning rate")
+    grpo_batch: int = arg(8, "B: queries per RL step")
+    G: int = arg(8, "rollouts per query (the group)")
+    grpo_mu: int = arg(1, "mu: updates per batch of rollouts")
+    beta: float = arg(0.04, "weight of the k3 KL to the frozen SFT model (0 = no reference model)")
+    grpo_pool: int = arg(256, "RL queries, the SFT model's failures first")
+    grpo_from: str = arg("sft", "sft | icm (the w/o-SFT ablation: RL straight from the aligned model)")
+    fixed_lambda: float = arg(-1.0, ">= 0: a fixed lambda instead of the curriculum (the ablation uses 0.5)")
+    # --- reranking and evaluation (section 13) ---------------------------------------------------
+    K: int = arg(8, "rerank depth: phi's top-K go to theta (paper: 50)")
+    max_new: int = arg(128, "generated tokens per trace (spliced candidate tokens not counted)")
+    split: str = arg("test", "eval / demo: val | test")
+    stage: str = arg("", 'eval / demo: coarse | icm | sft | grpo ("" = the furthest trained)')
+    qid: str = arg("", "demo: which query (default: the first)")
+    rows: str = arg("", 'ablate: a comma list of rows ("" = all)')
+    eval_batch: int = arg(256, "items per embedding batch")
+    rerank_batch: int = arg(32, "queries theta reranks at once")
+    ckpt_every: int = arg(50, "mid-stage checkpoint every N optimiser steps (0 = only at the end)")
+    stop_after: int = arg(0, "stop a stage after N steps of this run, checkpointed (0 = never)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~1-2 minutes on 2 CPU cores: what the tests and notebooks use. The numbers mean little.
+    # ~2 minutes on 2 CPU cores: what the tests and notebooks use. The numbers mean little.
     "smoke": dict(world="smoke", n_train=48, n_val=16, n_test=16, n_hard_neg=15,
                   warmup_steps=60, warmup_batch=32, ret_steps=30, ret_batch=16, align_steps=20, align_batch=16,
-                  sft_steps=20, sft_batch=8, grpo_steps=4, grpo_batch=2, G=4, grpo_pool=16, ckpt_every=5,
-                  log_every=10),
-    # the default CPU run (numbers in README.md)
+                  sft_steps=20, sft_batch=8, grpo_steps=4, grpo_batch=2, G=4, grpo_pool=16, ckpt_every=5),
+    # the default CPU run (results in README.md)
     "tiny": dict(),
-    # the best phi and SFT measured on CPU, at about twice the default's time (README: "the aligned
-    # configuration end to end"): relations as aligned checks, a twice-as-long warm-up, longer traces,
-    # an RL pool balanced over phi's ranks (the "hard" pool taught this SFT model to answer rank 2)
-    # (it keeps what it was measured with: the warm-up batch without the probe, phi's recipe and trained
-    # vision side, and 300 train queries per task -- a world of its own, tiny300, whose val and test are
-    # the tiny world's)
-    "aligned": dict(relation_format="aligned", warmup_steps=1200, max_new=256, grpo_pool_mode="balanced",
-                    warmup_batch=64, warmup_probe=0.0, ret_steps=400, ret_vision=True, world="tiny300", n_train=300,
-                    ret_batch=32, ret_hard_negs=4),
     # pretrained SmolVLM on one GPU; images are resized to the checkpoint's tile size
     "smolvlm": dict(world="tiny", backbone="HuggingFaceTB/SmolVLM-256M-Instruct", warmup_steps=0,
                     ret_batch=32, ret_lr=1e-4, eval_batch=64),
-    # for `bench` only: a random-initialised backbone with SmolVLM-256M's language model (SmolLM2-135M:
-    # 30 layers, width 576, 9 heads, 3 KV heads, MLP 1536) and its 64 visual tokens per image (64-px
-    # scenes, 4-px patches, pixel shuffle x2; the vision tower is smaller than SigLIP-base, but its
-    # cost is paid once per image in both modes). Speed does not depend on the weights' values, so
-    # this measures what the ICM saves at the scale of the `smolvlm` preset, offline, on a CPU.
-    "shape256m": dict(world="tiny", text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, text_mlp=1536,
-                      vision_hidden=768, vision_layers=12, patch_size=4, icm_heads=9, rerank_batch=4,
-                      bench_parts="icm", bench_smoke=False),
 }
-
-
-# fields that may change between a run and its resumption without changing what is computed
-_RUNTIME_FIELDS = {"preset", "run_dir", "data_root", "stages", "device", "deterministic", "threads", "buckets", "split", "stage",
-                   "eval_batch", "rerank_batch", "qid", "log_every", "ckpt_every", "stop_after", "bench_smoke", "bench_parts", "bench_ks", "rows",
-                   "probe_steps", "probe_lr", "probe_batch", "probe_lists", "probe_vision"}
-# fields whose default changed: a config saved before the field existed was made with this value
-# (ret_order: phi read image then text until the thirtieth session; ret_vision: phi trained the vision
-# side too until the thirty-first)
-LEGACY_DEFAULTS = {"ret_order": "image_text", "ret_vision": True}
+CHOICES = {"neg_structure": ("star", "cube"), "icm_mode": ("both", "con", "rel", "off"), "sft_from": ("icm", "none"),
+           "cot_mode": ("full", "noinsp", "direct"), "grpo_from": ("sft", "icm"), "split": ("train", "val", "test"),
+           "stage": ("", "coarse", "icm", "sft", "grpo")}
+# fields a run's config.json does not decide: where to read and write, how to run, what to evaluate
+PER_CALL = {"run_dir", "stages", "device", "threads", "split", "stage", "qid", "rows", "eval_batch", "rerank_batch",
+            "ckpt_every", "stop_after"}
 
 
 class RetrvError(Exception):
     """Any error caused by the user's input or files; the CLI prints it as one line."""
 
 
-def check_choice(flag: str, value: str, choices: tuple) -> None:
-    """A clear error for a value outside a flag's choices (e.g. check_choice("--ret-pool", "max", RET_POOLS))."""
-    if value not in choices:
-        raise RetrvError(f"{flag} must be one of {choices} (got {value!r})")
-
-
 def _field_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
 
 
+COMMANDS = {
+    "data": "write the synthetic world in the M-BEIR layout (to --data-root)",
+    "train": "run the stages in order: warmup, retriever, icm, sft, grpo (finished ones are skipped)",
+    "eval": "Recall@k per task, inspections, context tokens -> <run_dir>/eval_<split>.json",
+    "demo": "one query end to end: phi's top-K, theta's trace, a PNG of the candidates",
+    "ablate": "train and evaluate the paper's ablation rows -> <run_dir>/ablation.md",
+    "bench": "sampler speed, ICM vs full tokens as K grows, step times and memory -> <run_dir>/bench.md",
+}
+
+
 def build_argparser() -> argparse.ArgumentParser:
-    """One flag per Config field (--warmup-steps 50); bools get --x / --no-x. Nothing hand-written."""
-    p = argparse.ArgumentParser(prog="retrv_r1.py", description="Retrv-R1 in one file")
-    p.add_argument("command", choices=["data", "train", "eval", "demo", "ablate", "bench"])
+    """One sub-command per COMMANDS entry, each taking one flag per Config field (--warmup-steps 50;
+    bools get --x / --no-x), grouped by the section that uses them. Nothing hand-written per flag."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("run")
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        t = _field_type(f)
+        if f.name == "world":
+            group = common.add_argument_group("the synthetic world (section 3)")
+        elif f.name in ("backbone", "warmup_steps", "ret_steps", "icm_mode", "align_steps", "sft_steps",
+                        "grpo_steps", "K"):
+            group = common.add_argument_group({"backbone": "backbone (section 4)", "warmup_steps": "stage 0: warm-up",
+                                               "ret_steps": "coarse retriever phi", "icm_mode": "ICM",
+                                               "align_steps": "stage 1: ICM self-alignment",
+                                               "sft_steps": "stage 2: CoT + SFT", "grpo_steps": "stage 3: GRPO",
+                                               "K": "reranking and evaluation"}[f.name])
+        flag, t, h = "--" + f.name.replace("_", "-"), _field_type(f), f.metadata["help"]
         if t is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{h} (default {f.default})")
         else:
-            p.add_argument(flag, type=t, default=None, metavar=t.__name__.upper())
+            group.add_argument(flag, type=t, default=None, metavar=t.__name__.upper(), help=f"{h} (default {f.default!r})")
+    p = argparse.ArgumentParser(prog="retrv_r1.py", description="Retrv-R1 in one file. Presets fill the defaults; "
+                                "every command but `data` starts from the run's own config.json.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, h in COMMANDS.items():
+        sub.add_parser(name, parents=[common], help=h, description=h)
     return p
 
 
@@ -357,25 +261,20 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
     if preset not in PRESETS:
         raise RetrvError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     kw = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    names = {f.name for f in fields(Config)}
-    bad = sorted(set(kw) - names)
+    bad = sorted(set(kw) - {f.name for f in fields(Config)})
     if bad:
         raise RetrvError(f"unknown Config field(s): {bad}")
     cfg = Config(preset=preset, **kw)
-    if not cfg.run_dir:
-        cfg.run_dir = f"runs/{preset}"
-    check_choice("--caption-order", cfg.caption_order, CAPTION_ORDERS)
-    if not cfg.data_root:  # the words are part of the world: another caption order is another world
-        cfg.data_root = default_data_root(cfg)
+    cfg.run_dir = cfg.run_dir or f"runs/{preset}"
+    cfg.data_root = cfg.data_root or default_data_root(cfg)
     if cfg.K < 1:
         raise RetrvError(f"--K must be >= 1 (got {cfg.K})")
-    check_choice("--ret-pool", cfg.ret_pool, RET_POOLS)  # phi checks them too; here a bad value fails
-    check_choice("--ret-order", cfg.ret_order, RET_ORDERS)  # before the warm-up, not after it
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise RetrvError(f"--{name.replace('_', '-')} must be one of {choices} (got {getattr(cfg, name)!r})")
     if not 0 <= cfg.warmup_copy_steps <= cfg.warmup_steps:
         raise RetrvError(f"--warmup-copy-steps must be between 0 and --warmup-steps {cfg.warmup_steps} "
                          f"(got {cfg.warmup_copy_steps}); the copy steps are part of the warm-up's steps")
-    if not 0 <= cfg.warmup_copy_check_frac <= 1:
-        raise RetrvError(f"--warmup-copy-check-frac is a share, between 0 and 1 (got {cfg.warmup_copy_check_frac})")
     for f in fields(Config):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
@@ -386,20 +285,13 @@ def make_config(preset: str = "tiny", **overrides) -> Config:
 
 
 def default_data_root(cfg: Config) -> str:
-    """data/synthetic-<world>; another caption order writes other words, so it is another world."""
-    return f"data/synthetic-{cfg.world}" + ("" if cfg.caption_order == "attr" else f"-{cfg.caption_order}")
-
-
-# fields a run's config.json does not decide: where to read and write, how to run, what to evaluate
-# (data_root and preset are not among them: a run trained on another M-BEIR root is evaluated there by
-# default, and a run keeps the name of the preset it was made with)
-_PER_CALL_FIELDS = _RUNTIME_FIELDS - {"data_root", "preset"}
+    return f"data/synthetic-{cfg.world}"
 
 
 def with_run_config(cfg: Config, given: dict, verbose: bool = True) -> Config:
     """The run's saved settings, then the flags given now. Why: `eval --run-dir runs/x` must score the
-    model with the settings it was trained with (--max-new, --relation-format, --K ...), not the preset's
-    defaults -- a forgotten flag would otherwise give a silently different number. Prints what it took."""
+    model with the settings it was trained with (--max-new, --K ...), not the preset's defaults -- a
+    forgotten flag would otherwise give a silently different number. Prints what it took."""
     path = Path(cfg.run_dir) / "config.json"
     if not path.exists():
         return cfg
@@ -412,12 +304,11 @@ def with_run_config(cfg: Config, given: dict, verbose: bool = True) -> Config:
     if "preset" in given and saved.get("preset", given["preset"]) != given["preset"]:
         raise RetrvError(f"{cfg.run_dir} was made with --preset {saved['preset']}, not {given['preset']}: drop "
                          f"--preset to use the run's settings, or pass another --run-dir for a {given['preset']} run")
-    saved = {**LEGACY_DEFAULTS, **saved}  # a run from before a default changed keeps its old value
     types = {f.name: _field_type(f) for f in fields(Config)}
     kw = {}
     for k, v in saved.items():
-        if k not in types or k in _PER_CALL_FIELDS or k in given:
-            continue  # a field of an older version, a per-call field, or one the command line sets
+        if k not in types or k in PER_CALL or k in given:
+            continue  # a field this version does not have, a per-call field, or one the command line sets
         ok = isinstance(v, types[k]) and not (types[k] is int and isinstance(v, bool))
         if types[k] is float and isinstance(v, int) and not isinstance(v, bool):
             v, ok = float(v), True
@@ -426,7 +317,7 @@ def with_run_config(cfg: Config, given: dict, verbose: bool = True) -> Config:
         kw[k] = v
     out = dataclasses.replace(cfg, **kw)
     if "data_root" not in given and "data_root" not in kw:
-        out.data_root = default_data_root(out)  # an older config.json without data_root: follow its world
+        out.data_root = default_data_root(out)  # a config.json without data_root: follow its world
     try:
         out = make_config(out.preset, **{f.name: getattr(out, f.name) for f in fields(Config) if f.name != "preset"})
     except RetrvError as e:
@@ -477,9 +368,6 @@ def pick_device(cfg: Config, verbose: bool = True) -> tuple[torch.device, torch.
         n = cfg.threads or os.cpu_count() or 1
         torch.set_num_threads(n)
         dwhy += f", {n} CPU threads"
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if verbose:
         print(f"[device] {dev} ({why}); {dwhy}")
     return dev, dtype
@@ -507,6 +395,9 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"
+
+
+LOG_EVERY = 25  # optimiser steps between metric lines (GRPO logs every step)
 
 
 class MetricLog:
@@ -579,17 +470,8 @@ def stage_done(cfg: Config, stage: str) -> bool:
     return (Path(cfg.run_dir) / stage / "state.json").exists()
 
 
-# fields that decide tensor shapes (or, tie_embeddings, which tensors exist): a checkpoint made with
-# other values cannot be loaded
-SHAPE_FIELDS = ("backbone", "vision_hidden", "vision_layers", "patch_size", "text_hidden", "text_layers",
-                "text_heads", "text_kv_heads", "text_mlp", "tie_embeddings", "image_size", "icm_heads", "icm_max_len")
-# ... and, for phi's checkpoints only, how its weights are read (a warm-up serves any of them)
-RET_FIELDS = ("ret_dim", "ret_pool", "ret_order", "ret_vision")
-
-
-def check_compatible(saved: dict, cfg: Config, where: str, keys=SHAPE_FIELDS) -> None:
+def check_compatible(saved: dict, cfg: Config, where: str, keys=("backbone",)) -> None:
     """Refuse a checkpoint whose config differs from ours in a field that matters, naming them."""
-    saved = {**LEGACY_DEFAULTS, **saved} if saved else saved
     diff = {k: (saved.get(k), getattr(cfg, k)) for k in keys if k in saved and saved.get(k) != getattr(cfg, k)}
     if diff:
         raise RetrvError(f"{where} was made with a different config: " +
@@ -601,6 +483,22 @@ def read_state(path: Path) -> dict:
         return json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RetrvError(f"{path / 'state.json'} is unreadable ({e}); delete {path} to redo that stage") from None
+
+
+def cosine_schedule(opt, total: int, warmup: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
+    """Stop a stage on a NaN/inf loss before the optimiser step, so nothing corrupt is saved."""
+    if not torch.isfinite(loss):
+        raise RetrvError(f"{stage}: loss is {loss.item()} at step {step}; stopping before the bad update "
+                         f"(no checkpoint written). Try a lower learning rate.")
 
 
 class StopRun(Exception):
@@ -626,7 +524,7 @@ class Partial:
             return 0
         st = read_state(self.dir)
         check_compatible(st["config"], self.cfg, str(self.dir),
-                         keys=[f.name for f in fields(Config) if f.name not in _RUNTIME_FIELDS])
+                         keys=[f.name for f in fields(Config) if f.name not in PER_CALL | {"data_root", "preset"}])
         try:
             load_model(self.module, str(self.dir / "model.safetensors"))
             tr = torch.load(self.dir / "trainer.pt", weights_only=True)
@@ -678,6 +576,7 @@ RGB = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yel
        "purple": (160, 60, 210), "orange": (250, 140, 20), "cyan": (40, 220, 230),
        "white": (245, 245, 245)}
 ATTRS = ["color", "shape", "size", "position"]
+IMAGE_SIZE = 64  # rendered scene side in pixels (a 3x3 grid of ~21-px cells)
 DATASET_ID = 10  # M-BEIR uses 0-9; our synthetic dataset is "10"
 DATASET_NAME = "synth"
 TASK_MODALITIES = {0: ("text", "image"), 3: ("image", "text"), 4: ("image", "image"),
@@ -702,51 +601,10 @@ def canon(scene) -> tuple:
     return tuple(sorted(tuple(o) for o in scene))
 
 
-CAPTION_ORDERS = ("attr", "shape")
-_caption_order = ["attr"]  # the world's word order; set from the config at every stage's start (enter_stage)
-
-
-def use_caption_order(cfg: Config) -> None:
-    """Make caption() write scenes in cfg.caption_order (a module-wide setting: the world's words)."""
-    _caption_order[0] = cfg.caption_order
-
-
-def enter_stage(cfg: Config, verbose: bool = True) -> tuple[torch.device, torch.dtype]:
-    """Every stage's first line: the world's caption order from cfg, then the device and dtype."""
-    use_caption_order(cfg)
-    return pick_device(cfg, verbose)
-
-
 def caption(scene) -> str:
-    """Objects in reading order, in the world's caption order (--caption-order):
-        attr:  'a large red circle top left , a small blue star center .'
-        shape: 'circle red large top left , star blue small center .'
-    Why "shape": in an aligned check (phase 3) the ideal's colour of the cross must be looked up in
-    the ideal's caption. With shape first, the values follow the shape in the check's own order
-    (colour, size, cell), so the lookup is "find the shape, read on" -- the copy pattern small LMs
-    learn first. Measured: on words only a fresh tiny LM learns the check faster this way (lookup
-    0.73 vs 0.58-0.68 after 800 steps); with images, through warm-up and SFT, it does not help (README,
-    "Shape-first captions"). The default stays "attr"."""
+    """Objects in reading order: 'a large red circle top left , a small blue star center .'"""
     objs = sorted(scene, key=lambda o: o[3])
-    if _caption_order[0] == "shape":
-        return " , ".join(f"{o[0]} {o[1]} {o[2]} {CELLS[o[3]]}" for o in objs) + " ."
     return " , ".join(f"a {o[2]} {o[1]} {o[0]} {CELLS[o[3]]}" for o in objs) + " ."
-
-
-def parse_caption(text: str) -> dict[str, tuple[str, str, str]]:
-    """The inverse of caption(), forgiving: {shape: (color, size, cell)} for every well-formed object
-    of a written caption (theta's phase-1 "ideal", say); malformed objects are skipped, not fatal.
-        'a large red circle top left , a small blue star center .' -> {'circle': ('red', 'large', 'top left'), ...}"""
-    out = {}
-    for part in text.strip().removesuffix(".").split(" , "):
-        ws = part.split()
-        if _caption_order[0] == "shape":
-            shape, color, size, cell = (ws[0], ws[1], ws[2], " ".join(ws[3:])) if len(ws) >= 4 else (None,) * 4
-        else:
-            shape, color, size, cell = (ws[3], ws[2], ws[1], " ".join(ws[4:])) if len(ws) >= 5 and ws[0] == "a" else (None,) * 4
-        if shape in SHAPES and color in COLORS and size in SIZES and cell in CELLS and shape not in out:
-            out[shape] = (color, size, cell)
-    return out
 
 
 def one_change_variants(scene, rng: random.Random, n: int, exclude=()) -> list[list[Obj]]:
@@ -785,24 +643,11 @@ def one_change_variants(scene, rng: random.Random, n: int, exclude=()) -> list[l
     return out
 
 
-def describe_relation(target, cand, fmt: str = "sentence") -> str:
-    """The 'relation description' between the scene a query asks for and a candidate's scene.
-
-    sentence: 'match .' | 'differs : the circle has color blue not red .' | 'differs : the circle and
-    the star are swapped .' | 'differs : many changes .'  Objects are matched exactly first; what is
-    left over is the difference. The verdict comes first, in one word.
-    objects:  object_check -- one check per candidate object, then the verdict (see there).
-    shows:    'shows : <caption of the candidate> <object check>' -- say what the candidate shows in
-              words first, so the check compares text with text (the ideal written before it).
-    aligned:  aligned_check -- each attribute next to the ideal's, then same / different (see there)."""
-    if fmt == "objects":
-        return object_check(target, cand)
-    if fmt == "aligned":
-        return aligned_check(target, cand)
-    if fmt == "shows":
-        return f"shows : {caption(cand)} {object_check(target, cand)}"
-    if fmt != "sentence":
-        raise RetrvError(f"--relation-format must be sentence, objects, shows or aligned (got {fmt!r})")
+def describe_relation(target, cand) -> str:
+    """The 'relation description' between the scene a query asks for and a candidate's scene:
+        'match .' | 'differs : the circle has color blue not red .' | 'differs : the circle and the star
+        are swapped .' | 'differs : many changes .'
+    Objects are matched exactly first; what is left over is the difference. The verdict comes first."""
     t, c = [tuple(o) for o in target], [tuple(o) for o in cand]
     rest_t = [o for o in t if o not in c]
     rest_c = [o for o in c if o not in t]
@@ -822,111 +667,6 @@ def describe_relation(target, cand, fmt: str = "sentence") -> str:
         if swapped == sorted(rest_c):
             return f"differs : the {a1[0]} and the {a2[0]} are swapped ."
     return "differs : many changes ."
-
-
-def object_check(target, cand) -> str:
-    """The relation written as a check, object by object, then the verdict:
-        'the circle same , the star color . differs .'      'the circle same , the star same . match .'
-    For every object of the candidate in reading order: 'same', or which of its colour / size / position
-    differ from the target's object of the same shape, or 'shape' when the target has no such shape
-    (shapes are unique within a scene). Why: a small LM that must say match/differs in its first word
-    has to compare whole scenes in one step, and at this scale it never learns to (it says "differs"
-    every time). One check per object is still one comparison per step: written greedily, the tiny LM
-    calls almost every object "same", even on words only (README, "Diagnosis" 4); aligned_check
-    makes each comparison local."""
-    by_shape = {o[0]: o for o in target}
-    checks = []
-    for o in sorted(cand, key=lambda o: o[3]):
-        t = by_shape.get(o[0])
-        diff = ["shape"] if t is None else [n for n, k in (("color", 1), ("size", 2), ("position", 3)) if t[k] != o[k]]
-        checks.append(f"the {o[0]} " + (" ".join(diff) or "same"))
-    same = canon(target) == canon(cand)
-    return " , ".join(checks) + (" . match ." if same else " . differs .")
-
-
-def aligned_check(target, cand) -> str:
-    """The relation as an aligned check: for every candidate object, each attribute written next to
-    the ideal's (the target object of the same shape), then 'same' or 'different' right after the pair:
-        'cross : yellow cyan different , large large same , right right same ; star : none different . differs .'
-    Why: object_check asks for the comparison in one step ('the cross color'); a small LM then learns
-    to name objects and calls each 'same'. Here every step is a lookup or a copy, and the comparison is
-    between two adjacent words. It is the only format so far whose greedy verdict catches one-change
-    negatives: 0.72 of them after 800 words-only steps, 0.42 with images after the default 600-step
-    warm-up, where it also lifts caption shape accuracy from 0.68 to 0.95 (README, "Diagnosis" 4)."""
-    by_shape = {o[0]: o for o in target}
-    parts = []
-    for o in sorted(cand, key=lambda o: o[3]):
-        t = by_shape.get(o[0])
-        if t is None:
-            parts.append(f"{o[0]} : none different")
-            continue
-        pairs = [(o[1], t[1]), (o[2], t[2]), (CELLS[o[3]], CELLS[t[3]])]
-        parts.append(f"{o[0]} : " + " , ".join(f"{a} {b} " + ("same" if a == b else "different") for a, b in pairs))
-    return " ; ".join(parts) + (" . match ." if canon(target) == canon(cand) else " . differs .")
-
-
-def pair_cut(ws: list[str], values) -> int | None:
-    """Where the words of one aligned pair split into the candidate's value and the ideal's:
-    ['top', 'right', 'top', 'left'] -> 2 (values = CELLS); None if no split gives two values."""
-    return next((j for j in range(1, len(ws)) if " ".join(ws[:j]) in values and " ".join(ws[j:]) in values), None)
-
-
-def parse_aligned_check(seg: str) -> dict | None:
-    """'cross : yellow cyan different , large large same , right right same ; star : none different . differs .'
-    -> {"objects": {shape: [(cand, ideal, word) x 3] or None (= "none")}, "verdict": "differs"}; None if malformed."""
-    body, _, tail = seg.strip().rpartition(" . ")
-    verdict = tail.strip(" .")
-    if verdict not in ("match", "differs") or not body:
-        return None
-    objects = {}
-    for part in body.split(" ; "):
-        shape, sep, rest = part.partition(" : ")
-        if not sep:
-            return None
-        if rest.strip() == "none different":
-            objects[shape.strip()] = None
-            continue
-        pairs = []
-        for i, p in enumerate(rest.split(" , ")):
-            ws = p.split()
-            if i < 2 and len(ws) == 3:
-                pairs.append((ws[0], ws[1], ws[2]))
-                continue
-            cut = pair_cut(ws[:-1], CELLS)
-            if i != 2 or cut is None:
-                return None
-            pairs.append((" ".join(ws[:cut]), " ".join(ws[cut:-1]), ws[-1]))
-        if len(pairs) != 3:
-            return None
-        objects[shape.strip()] = pairs
-    return {"objects": objects, "verdict": verdict}
-
-
-def check_steps(ref: dict, gen: dict) -> dict[str, list]:
-    """A written aligned check against the reference one (both from parse_aligned_check), over the
-    attributes where the candidate's and the ideal's values really differ: did it read the candidate's
-    value, look up the ideal's, or copy the word it had just written? (README, "Diagnosis")"""
-    out: dict[str, list] = {"read": [], "looked_up": [], "copied": []}
-    for shape, pairs in ref["objects"].items():
-        for (a, b, _), (ga, gb, _) in zip(pairs or [], gen["objects"].get(shape) or []):
-            if a != b:
-                out["read"].append(ga == a)
-                out["looked_up"].append(gb == b)
-                out["copied"].append(gb == ga)
-    return out
-
-
-def scramble(scene, rng: random.Random) -> list[Obj]:
-    """The same shapes with every colour, size and cell drawn afresh (never the scene itself).
-    Why (warm-up, --warmup-scramble-frac): in an aligned check of a one-change negative only one pair
-    in ten differs, and an inspected positive has none, so writing the ideal's value as a copy of the
-    candidate's value just before it is right on 99% of them in the SFT traces -- and that is what SFT
-    learned (check_steps; README, "the aligned configuration end to end"). Here most pairs differ."""
-    while True:
-        cells = rng.sample(range(9), len(scene))
-        out = sorted((o[0], rng.choice(COLORS), rng.choice(SIZES), c) for o, c in zip(scene, cells))
-        if canon(out) != canon(scene):
-            return out
 
 
 def apply_edit(scene, rng: random.Random) -> tuple[list[Obj], str]:
@@ -996,11 +736,9 @@ def make_group(task: int, rng: random.Random, n_neg: int, structure: str = "star
     cand is {scene, modality}. `target` is the scene the query asks for (for relation texts).
     structure "star" (the default world): every negative is one change away from the target, so the
     target is the one candidate that is one change away from all the others -- a query-blind rule can
-    find it (README, "A shortcut in the world"). "cube": see cube_group."""
+    find it (consensus_pick measures how often). "cube": see cube_group."""
     if structure == "cube":
         return cube_group(task, rng, n_neg)
-    if structure != "star":
-        raise RetrvError(f"--neg-structure must be star or cube (got {structure!r})")
     if task == 7:
         source = random_scene(rng)
         target, edit = apply_edit(source, rng)
@@ -1092,11 +830,11 @@ def scene_json(scene) -> str:
 
 
 def world_signature(cfg: Config) -> dict:
-    keys = ["seed", "tasks", "n_train", "n_val", "n_test", "n_hard_neg", "neg_structure", "image_size", "caption_order"]
+    keys = ["seed", "tasks", "n_train", "n_val", "n_test", "n_hard_neg", "neg_structure"]
     return {k: getattr(cfg, k) for k in keys}
 
 
-PNG_LEVEL = 1  # zlib level of the world's PNGs: 4x faster to write than the default 6, the same pixels, ~40% more bytes
+PNG_LEVEL = 1  # zlib level of the world's PNGs: the fastest to write (any level stores the same pixels)
 
 
 def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = True) -> Path:
@@ -1106,24 +844,15 @@ def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = 
     (one local pool per task and split, named like MSCOCO's test pools), qrels/{split}/..., mbeir_images/...,
     instructions/query_instructions.tsv, and world.json (the parameters it was generated from)."""
     root = Path(root or cfg.data_root)
-    use_caption_order(cfg)
     tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tasks = parse_tasks(cfg.tasks)
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    total = sum(sizes.values()) * len(tasks)
-    # the (split, task) parts -- 12 for four tasks -- share no random stream: one process each, side by
-    # side where fork exists (--threads caps the processes); the files are the same either way
-    jobs = [(cfg, tmp, si, split, n, task) for si, (split, n) in enumerate(sizes.items()) for task in tasks]
-    workers = min(len(jobs), cfg.threads or os.cpu_count() or 1)
-    with tqdm(total=total, desc=f"world -> {root}", disable=not verbose) as bar:
-        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for n in pool.imap_unordered(_world_part, jobs):
-                    bar.update(n)
-        else:
-            for job in jobs:
-                bar.update(_world_part(job))
+    with tqdm(total=sum(sizes.values()) * len(tasks), desc=f"world -> {root}", disable=not verbose) as bar:
+        for si, (split, n) in enumerate(sizes.items()):
+            for task in tasks:
+                write_world_part(cfg, tmp, si, split, n, task)
+                bar.update(n)
     (tmp / "instructions").mkdir(exist_ok=True)
     rows = ["query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\tprompt_4"]
     for t in tasks:
@@ -1137,12 +866,9 @@ def generate_world(cfg: Config, root: str | Path | None = None, verbose: bool = 
     return root
 
 
-def _world_part(job: tuple) -> int:
+def write_world_part(cfg: Config, tmp: Path, si: int, split: str, n: int, task: int) -> None:
     """One (split, task) of generate_world: its images, query file, local pool and qrels under tmp.
-    job = (cfg, tmp, si, split, n, task), si the split's index (0 train, 1 val, 2 test: part of every id),
-    n its queries per task. -> n. Module-level, so that a process pool can run it."""
-    cfg, tmp, si, split, n, task = job
-    use_caption_order(cfg)
+    si is the split's index (0 train, 1 val, 2 test: part of every id), n its queries per task."""
     # every (split, task) has its own stream, so changing n_test never changes train
     rng = random.Random(f"{cfg.seed}-{split}-{task}")
     img_dir = Path("mbeir_images") / DATASET_NAME / split / f"task{task}"
@@ -1162,7 +888,7 @@ def _world_part(job: tuple) -> int:
                 line["txt"] = caption(c["scene"])
             else:
                 rel = img_dir / f"c{qn}_{cn}.png"
-                render(c["scene"], cfg.image_size).save(tmp / rel, compress_level=PNG_LEVEL)
+                render(c["scene"], IMAGE_SIZE).save(tmp / rel, compress_level=PNG_LEVEL)
                 line["img_path"] = str(rel)
             plines.append(line)
         q = g["query"]
@@ -1170,7 +896,7 @@ def _world_part(job: tuple) -> int:
         if q["scene"] is not None:
             qimg = img_dir / f"q{qn}.png"
             jit = random.Random(f"{cfg.seed}-{split}-{task}-{qn}-jitter") if q["jitter"] else None
-            render(q["scene"], cfg.image_size, jitter=jit).save(tmp / qimg, compress_level=PNG_LEVEL)
+            render(q["scene"], IMAGE_SIZE, jitter=jit).save(tmp / qimg, compress_level=PNG_LEVEL)
         # src_content carries the scene graph the query asks for (and the source of an edit)
         src = {"target": [list(o) for o in q["target"]]}
         if task == 7:
@@ -1185,7 +911,6 @@ def _world_part(job: tuple) -> int:
                  plines)
     (tmp / "qrels" / split).mkdir(parents=True, exist_ok=True)
     (tmp / "qrels" / split / f"{name}_qrels.txt").write_text("\n".join(qrels) + "\n")
-    return n
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -1440,6 +1165,15 @@ def scene_of(src: str | None, key: str | None = None):
     return [tuple(o) for o in objs] if isinstance(objs, list) else None
 
 
+def _is_synthetic(cfg: Config) -> bool:
+    return (Path(cfg.data_root) / "world.json").exists()
+
+
+def load_tasks(cfg: Config, split: str) -> list[TaskSplit]:
+    """The run's split: in our world only the tasks of --tasks; a real M-BEIR root, every query file."""
+    return load_split(cfg.data_root, split, parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
+
+
 # =============================================================================================
 # 4. Backbone: tokenizer and the Idefics3 / SmolVLM family
 # =============================================================================================
@@ -1486,20 +1220,27 @@ def build_tiny_tokenizer():
     return tok
 
 
-def tiny_idefics3_config(cfg: Config, tok):
+# The tiny backbone: a SigLIP-style vision tower (64-px images, 8-px patches -> 8x8 patches, pixel
+# shuffle x2 -> 16 visual tokens of width D) and a Llama LM, ~3M parameters in all.
+TINY = dict(vision_hidden=128, vision_layers=2, patch_size=8, scale_factor=2,
+            text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_mlp=512)
+
+
+def tiny_idefics3_config(tok):
     from transformers import Idefics3Config
 
+    t = TINY
     return Idefics3Config(
-        vision_config=dict(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 2,
-                           num_hidden_layers=cfg.vision_layers, num_attention_heads=max(4, cfg.vision_hidden // 64),
-                           image_size=cfg.image_size, patch_size=cfg.patch_size),
-        text_config=dict(model_type="llama", hidden_size=cfg.text_hidden, intermediate_size=cfg.text_mlp,
-                         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                         num_key_value_heads=cfg.text_kv_heads, vocab_size=len(tok),
+        vision_config=dict(hidden_size=t["vision_hidden"], intermediate_size=t["vision_hidden"] * 2,
+                           num_hidden_layers=t["vision_layers"], num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=t["patch_size"]),
+        text_config=dict(model_type="llama", hidden_size=t["text_hidden"], intermediate_size=t["text_mlp"],
+                         num_hidden_layers=t["text_layers"], num_attention_heads=t["text_heads"],
+                         num_key_value_heads=t["text_kv_heads"], vocab_size=len(tok),
                          max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=cfg.tie_embeddings),
-        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=cfg.tie_embeddings)
+                         eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False),
+        scale_factor=t["scale_factor"], image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
 
 
 class Backbone(nn.Module):
@@ -1535,7 +1276,7 @@ class Backbone(nn.Module):
 
     def freeze_vision(self) -> None:
         """Stop the vision encoder and connector learning; their tokens can then be computed once per
-        image (Embedder(..., frozen_vision=True)). phi (by default), theta and the probe use it."""
+        image (Embedder(..., frozen_vision=True)). phi and theta use it."""
         for p in list(self.vision.parameters()) + list(self.connector.parameters()):
             p.requires_grad_(False)
 
@@ -1567,11 +1308,11 @@ class Backbone(nn.Module):
                                                               pretrained=self.pretrained)))
 
 
-def new_tiny_backbone(cfg: Config) -> Backbone:
+def new_tiny_backbone() -> Backbone:
     from transformers import Idefics3ForConditionalGeneration
 
     tok = build_tiny_tokenizer()
-    model = Idefics3ForConditionalGeneration(tiny_idefics3_config(cfg, tok))
+    model = Idefics3ForConditionalGeneration(tiny_idefics3_config(tok))
     return Backbone(model, tok, [0.5] * 3, [0.5] * 3, pretrained=False)
 
 
@@ -1698,6 +1439,9 @@ def pad_stack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
+BUCKETS = 4  # warm-up and phi batches run in 4 length buckets (length_buckets)
+
+
 def length_buckets(lengths: list[int], n: int) -> list[list[int]]:
     """Indices cut into n groups of consecutive lengths (sorted; sizes as equal as they come): padded per
     group, a batch of 16-token images and 8-token captions wastes little on padding. n = 1: one group in
@@ -1776,50 +1520,35 @@ def bucketed_lm_loss(bb: Backbone, rows: list[list[tuple]], buckets: int) -> tup
 # where c runs over the query's positive, its hard negatives and every other query's candidates
 # in the batch. Why mean pooling and not a final [EMB] token: the LM is causal, and with 20-70
 # tokens an average is a stronger start than one position it was never trained to summarise in.
-# A composed query (image + edit text) is read text first (--ret-order text_image): under causal
-# attention its 16 visual tokens -- most of the mean -- then attend to the edit, where image first they
-# never saw it and the query embedded as its source image, one of the target's hard negatives.
-# --ret-pool last / mean_last replace / add the last real token's state (the only one that has read
-# the edit when the image comes first); measured on val, neither is better beyond noise (README).
-# The vision encoder and connector are frozen here (--ret-vision trains them): InfoNCE shapes the LM's
-# reading of the visual tokens, each image is encoded once (Embedder's cache), and a step costs the LM
-# alone. Every batch is encoded in --buckets length buckets (length_buckets): images are 16 tokens,
-# captions about 8, a composed query about 22, and one padded batch was 20-37% padding.
+# An item with both an image and words (a composed query: image + edit) is read text first: under
+# causal attention its 16 visual tokens -- most of the mean -- then attend to the edit; image first,
+# they would never see it and the query would embed as its source image, one of its hard negatives.
+# The vision encoder and connector are frozen here: InfoNCE shapes the LM's reading of the visual
+# tokens, each image is encoded once (Embedder's cache), and a step costs the LM alone.
 # A step holds B = --ret-batch queries, each with its positive and H = --ret-hard-negs of its hard
-# negatives (48 x 2 by default): in a test pool most of what outranks a positive belongs to other
-# queries' groups, which only in-batch negatives teach (16 x 10 was far worse than 32 x 4 or 48 x 2).
+# negatives: in a test pool most of what outranks a positive belongs to other queries' groups, which
+# only the in-batch negatives teach.
 
-
-RET_POOLS = ("mean", "last", "mean_last")
-RET_ORDERS = ("image_text", "text_image")
+RET_DIM = 128  # embedding width after the projection W
+TAU = 0.05  # InfoNCE temperature
 
 
 class Retriever(nn.Module):
-    def __init__(self, bb: Backbone, dim: int, pool: str = "mean", order: str = "text_image", buckets: int = 1):
+    def __init__(self, bb: Backbone, dim: int = RET_DIM):
         super().__init__()
-        check_choice("--ret-pool", pool, RET_POOLS)
-        check_choice("--ret-order", order, RET_ORDERS)
-        self.bb, self.pool, self.order, self.buckets = bb, pool, order, buckets
+        self.bb = bb
         self.proj = nn.Linear(bb.D, dim, bias=False)
 
     def encode_tokens(self, T: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """e = normalize(W pool(h)),  h = LM(T) (N, L, D); pool: the masked mean over all tokens (mean),
-        the last real token's state (last), or their sum (mean_last). T, mask right-padded -> e (N, dim)."""
+        """e = normalize(W mean_t h_t),  h = LM(T). T (N, L, D), mask (N, L) right-padded -> e (N, dim)."""
         h, _, _ = self.bb.lm(T, attention_mask=mask, logits=False)  # (N, L, D)
-        pooled = 0
-        if self.pool in ("mean", "mean_last"):
-            pooled = masked_mean(h, mask[..., None], dim=1)  # (N, D)
-        if self.pool in ("last", "mean_last"):
-            last = mask.sum(1) - 1  # right-padded: index of the last real token, (N,)
-            pooled = pooled + h[torch.arange(h.shape[0], device=h.device), last]  # (N, D)
+        pooled = masked_mean(h, mask[..., None], dim=1)  # (N, D)
         return F.normalize(self.proj(pooled.float()), dim=-1)  # (N, dim)
 
     def encode(self, emb: Embedder, items: list[dict]) -> torch.Tensor:
-        """Items -> e (N, dim), encoded in self.buckets length buckets (length_buckets), returned in item order."""
-        seqs = emb.sequences(items, text_first=self.order == "text_image")
-        groups = length_buckets([len(t) for t in seqs], self.buckets)
-        if len(groups) == 1:
-            return self.encode_tokens(*pad_stack(seqs))
+        """Items -> e (N, dim), encoded in BUCKETS length buckets (length_buckets), returned in item order."""
+        seqs = emb.sequences(items, text_first=True)
+        groups = length_buckets([len(t) for t in seqs], BUCKETS)
         e = torch.cat([self.encode_tokens(*pad_stack([seqs[i] for i in g])) for g in groups])  # bucket order
         back = torch.empty(len(seqs), dtype=torch.long)
         back[[i for g in groups for i in g]] = torch.arange(len(seqs))  # item i sits at row back[i] of e
@@ -1845,9 +1574,8 @@ def load_retriever(cfg: Config) -> Retriever:
         raise RetrvError(f"{ck} has no finished retriever; run `train --stages retriever` first")
     from safetensors.torch import load_file
 
-    check_compatible(read_state(ck).get("config", {}), cfg, str(ck), keys=SHAPE_FIELDS + RET_FIELDS)
-    bb = load_backbone(str(ck))
-    r = Retriever(bb, cfg.ret_dim, cfg.ret_pool, cfg.ret_order, cfg.buckets)
+    check_compatible(read_state(ck).get("config", {}), cfg, str(ck))
+    r = Retriever(load_backbone(str(ck)))
     try:
         r.proj.weight.data.copy_(load_file(str(ck / "proj.safetensors"))["proj.weight"])
     except Exception as e:
@@ -1862,44 +1590,23 @@ def topk_search(q: torch.Tensor, pool: torch.Tensor, K: int) -> tuple[torch.Tens
     return (q @ pool.T).topk(K, dim=-1)
 
 
-def held_out(cfg: Config, qid: str) -> bool:
-    """Is this train query hidden from phi (and kept for theta)? A fixed hash of (seed, qid).
-
-    Why: phi memorises its own training queries (on train its rank 1 is the positive about twice as
-    often as on val/test), so a theta trained on phi's top-K of those same queries learns rank
-    statistics that do not hold at test time. With --ret-holdout f, phi trains on the other queries."""
-    if cfg.ret_holdout <= 0:
-        return False
-    h = int(hashlib.sha1(f"{cfg.seed}:{qid}".encode()).hexdigest()[:8], 16) / 16**8
-    return h < cfg.ret_holdout
-
-
-def theta_train_items(cfg: Config, items: list) -> list:
-    """The train items SFT and GRPO use: all of them, or only phi's held-out queries."""
-    return [it for it in items if held_out(cfg, it.qid)] if cfg.ret_holdout > 0 else items
-
-
-@torch.enable_grad()  # fold_topk may call it lazily from inside rerank_items' no_grad
-def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: bool = True) -> tuple[Retriever, Partial]:
-    """InfoNCE on the train queries for which keep(qid) holds, from the warmed-up (or pretrained)
-    backbone; mid-stage checkpoints under <run_dir>/<name>_partial. Returns phi (eval mode) and its
-    Partial, whose finish() the caller calls once phi's result is saved."""
-    dev, dt = pick_device(cfg, False)
+def train_retriever(cfg: Config, verbose: bool = True) -> dict:
+    """Stage: phi by InfoNCE on the train split, from the warmed-up (or pretrained) backbone."""
+    dev, dt = pick_device(cfg, verbose)
+    rng = random.Random(cfg.seed + 11)
     seed_everything(cfg.seed + 1)
     bb = base_backbone(cfg).to(dev)
-    ret = Retriever(bb, cfg.ret_dim, cfg.ret_pool, cfg.ret_order, cfg.buckets).to(dev)
-    if not cfg.ret_vision:  # only the LM and the projection W learn; an image's tokens are computed once
-        bb.freeze_vision()
-    emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=not cfg.ret_vision)
-    train = load_split(cfg.data_root, "train", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
-    pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i] and keep(ts.queries[i]["qid"])]
+    ret = Retriever(bb).to(dev)
+    bb.freeze_vision()  # only the LM and the projection W learn; an image's tokens are computed once
+    emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=True)
+    train = load_tasks(cfg, "train")
+    pairs = [(ts, i) for ts in train for i in range(len(ts)) if ts.pos[i]]
     opt = torch.optim.AdamW([p for p in ret.parameters() if p.requires_grad], lr=cfg.ret_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.ret_steps, warmup=max(1, cfg.ret_steps // 20))
-    ck = Partial(cfg, name, ret, opt, sched, rng)
+    ck = Partial(cfg, "retriever", ret, opt, sched, rng)
     start = ck.resume()
-    log = MetricLog(cfg.run_dir, name, start)
-    bar = tqdm(range(start, cfg.ret_steps), initial=start, total=cfg.ret_steps,
-               desc=f"{name} (InfoNCE)", disable=not verbose)
+    log = MetricLog(cfg.run_dir, "retriever", start)
+    bar = tqdm(range(start, cfg.ret_steps), initial=start, total=cfg.ret_steps, desc="phi (InfoNCE)", disable=not verbose)
     ret.train()
     for step in bar:
         batch = rng.sample(pairs, min(cfg.ret_batch, len(pairs)))
@@ -1914,30 +1621,21 @@ def fit_retriever(cfg: Config, name: str, keep, rng: random.Random, verbose: boo
         with autocast(dev, dt):
             e = ret.encode(emb, q_items + c_items)  # one call: its length buckets mix queries and candidates
         eq, ec = e[: len(batch)], e[len(batch):]  # (B, d), (B + B*H, d)
-        logits = eq @ ec.T / cfg.ret_tau  # (B, B + B*H)
+        logits = eq @ ec.T / TAU  # (B, B + B*H)
         target = torch.arange(len(batch), device=dev)
         loss = F.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(ret.parameters(), 1.0)
-        check_finite(loss, name, step)
+        check_finite(loss, "retriever", step)
         opt.step()
         sched.step()
         acc = (logits.argmax(-1) == target).float().mean().item()
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        if step % cfg.log_every == 0 or step == cfg.ret_steps - 1:
+        if step % LOG_EVERY == 0 or step == cfg.ret_steps - 1:
             log.log(step=step, loss=loss.item(), batch_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
         ck.step_done(step)
-    return ret.eval(), ck
-
-
-def train_retriever(cfg: Config, verbose: bool = True) -> dict:
-    """Stage: phi by InfoNCE on the train split (all of it, or what --ret-holdout leaves), then, with
-    --ret-folds F, the F cross-fitting retrievers that give theta honest top-K lists (fold_topk)."""
-    enter_stage(cfg, verbose)
-    if cfg.ret_holdout > 0 and cfg.ret_folds >= 2:
-        raise RetrvError("--ret-holdout and --ret-folds are two answers to one question; use one of them")
-    ret, ck = fit_retriever(cfg, "retriever", lambda qid: not held_out(cfg, qid), random.Random(cfg.seed + 11), verbose)
+    ret.eval()
     val = coarse_recall(cfg, ret, "val", verbose=False)
     with atomic_dir(Path(cfg.run_dir) / "retriever") as tmp:
         ret.save(tmp)
@@ -1945,117 +1643,7 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
     ck.finish()
     if verbose:
         print(f"[retriever] val R@1 {val['avg']['R@1']:.3f}  R@{cfg.K} {val['avg'][f'R@{cfg.K}']:.3f}")
-    if cfg.ret_folds >= 2:
-        fold_topk(cfg, verbose)
     return val
-
-
-# Cross-fitting (--ret-folds F): phi is trained on the train queries, so on those queries its rank 1
-# is right about twice as often as on val/test (README, "Diagnosis", 2), and a theta trained on
-# phi's top-K of them learns rank statistics that test will not have. The standard remedy is
-# out-of-fold prediction: split the train queries into F folds by a hash of their qid; for each
-# fold f, train phi_f on the other F - 1 folds and rank fold f's queries with it. Every train query
-# then gets a top-K from a phi that never saw it -- the situation of a test query -- while theta
-# still trains on all of them, and the phi used at evaluation is still the one trained on all.
-# One more difference from a test query remains: the pool. Our train pool is 3x a test pool (16
-# candidates per query in every split), so each train query is ranked in a chunk of it the size of
-# the task's test pool (test_sized_chunks): its own hard negatives plus those of its neighbours.
-
-
-def fold_of(cfg: Config, qid: str) -> int:
-    """Which of the cfg.ret_folds folds a train query is in: a fixed hash of (seed, qid)."""
-    return int(hashlib.sha1(f"{cfg.seed}:fold:{qid}".encode()).hexdigest()[:8], 16) % cfg.ret_folds
-
-
-FOLD_POOL = "test-sized chunks"  # recorded in retriever_fold*/state.json: how fold f's queries were ranked
-
-
-def test_sized_chunks(cfg: Config, splits: list[TaskSplit]) -> dict[str, list[tuple[list[int], list[int]]]]:
-    """{split name: [(query rows, pool rows) per chunk]}: each train task cut into chunks whose pool
-    is the size of the task's test pool, so an out-of-fold query competes with as many candidates as
-    a test query does (our train pool holds 3x test's). A chunk's pool is the candidates its queries
-    list (positives + neg_cand_list); rows no query lists are dealt round-robin. Where no test pool of
-    the task is found (a real M-BEIR train split) the whole pool is one chunk."""
-    try:
-        test = {ts.name: len(ts.pool) for ts in load_split(cfg.data_root, "test", [s.task_id for s in splits])}
-    except (RetrvError, OSError):
-        test = {}
-    out = {}
-    for ts in splits:
-        t = test.get(ts.name.removesuffix("_train") + "_test")
-        n = max(1, min(len(ts), round(len(ts.pool) / t))) if t else 1
-        q_of = [i * n // len(ts) for i in range(len(ts))]  # contiguous blocks of queries
-        row_of = [-1] * len(ts.pool)
-        for i in range(len(ts)):
-            for j in ts.pos[i] + ts.neg[i]:
-                if row_of[j] < 0:
-                    row_of[j] = q_of[i]
-        row_of = [c if c >= 0 else j % n for j, c in enumerate(row_of)]
-        out[ts.name] = [([i for i in range(len(ts)) if q_of[i] == c], [j for j in range(len(ts.pool)) if row_of[j] == c])
-                        for c in range(n)]
-    return out
-
-
-def fold_topk(cfg: Config, verbose: bool = True) -> dict:
-    """Out-of-fold top-K of the train split: {split name: [ranked pool rows per query]}, as
-    rerank_items caches it. Fold f's retriever is trained (resumably) unless <run_dir>/retriever_fold<f>
-    already holds its ranking; only the rankings are kept, not the fold retrievers' weights."""
-    splits = load_split(cfg.data_root, "train", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
-    top: dict[str, list] = {ts.name: [None] * len(ts) for ts in splits}
-    for f in range(cfg.ret_folds):
-        d = Path(cfg.run_dir) / f"retriever_fold{f}"
-        if not (d / "state.json").exists():
-            name = f"retriever_fold{f}"
-            ret, ck = fit_retriever(cfg, name, lambda qid, f=f: fold_of(cfg, qid) != f,
-                                    random.Random(f"{cfg.seed}-{name}"), verbose)
-            with torch.no_grad():
-                ranked = phi_topk(cfg, ret, splits, chunks=test_sized_chunks(cfg, splits))
-            ranks = {ts.name: {i: ranked[ts.name][i] for i in range(len(ts)) if fold_of(cfg, ts.queries[i]["qid"]) == f}
-                     for ts in splits}  # fold f's queries only
-            with atomic_dir(d) as tmp:
-                (tmp / "topk.json").write_text(json.dumps(ranks))
-                (tmp / "state.json").write_text(json.dumps(stage_state(cfg, name, cfg.ret_steps, pool=FOLD_POOL)))
-            ck.finish()
-            if verbose:
-                print(f"[retriever] fold {f + 1}/{cfg.ret_folds}: phi_{f} ranked its "
-                      f"{sum(len(v) for v in ranks.values())} held-out train queries")
-        st = read_state(d)
-        check_compatible(st["config"], cfg, str(d), keys=SHAPE_FIELDS + RET_FIELDS + ("seed", "ret_folds", "K"))
-        if st.get("pool") != FOLD_POOL:
-            raise RetrvError(f"{d} was ranked in {st.get('pool', 'the whole train pool')!r}, not in {FOLD_POOL!r} "
-                             f"(an older version); delete {d} to redo it")
-        try:
-            ranks = json.loads((d / "topk.json").read_text())
-            for split_name, rows in ranks.items():
-                for i, ranked in rows.items():
-                    top[split_name][int(i)] = ranked
-        except (OSError, json.JSONDecodeError, KeyError, ValueError, IndexError) as e:
-            raise RetrvError(f"{d / 'topk.json'} is unreadable ({type(e).__name__}: {e}); delete {d} to redo it") from None
-    missing = [(n, i) for n, rows in top.items() for i, r in enumerate(rows) if r is None]
-    if missing:
-        raise RetrvError(f"cross-fitting left {len(missing)} train queries unranked (e.g. {missing[0]}); "
-                         f"delete {cfg.run_dir}/retriever_fold* to redo it")
-    return top
-
-
-def cosine_schedule(opt, total: int, warmup: int):
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
-def check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
-    """Stop a stage on a NaN/inf loss before the optimiser step, so nothing corrupt is saved."""
-    if not torch.isfinite(loss):
-        raise RetrvError(f"{stage}: loss is {loss.item()} at step {step}; stopping before the bad update "
-                         f"(no checkpoint written). Try a lower learning rate.")
-
-
-def _is_synthetic(cfg: Config) -> bool:
-    return (Path(cfg.data_root) / "world.json").exists()
 
 
 # =============================================================================================
@@ -2075,6 +1663,10 @@ def _is_synthetic(cfg: Config) -> bool:
 # Each ATT is a pre-norm attention block (cross-attention + MLP, residual) like one Q-Former /
 # Perceiver layer. Why a learnable position table on T_c: word embeddings carry no order, and
 # "a red circle , a blue star" must not compress like "a blue circle , a red star".
+
+
+ICM_HEADS = 4  # attention heads of ATT1, ATT2 and ATT1'
+ICM_MAX_LEN = 96  # longest candidate token sequence the position table covers (longer ones are cut)
 
 
 class AttnBlock(nn.Module):
@@ -2129,10 +1721,8 @@ class Reasoner(nn.Module):
         self.bb = bb
         with torch.no_grad():
             rms = bb.embed_text(torch.arange(len(bb.tok), device=bb.device)[None]).float().pow(2).mean().sqrt().item()
-        self.icm = ICM(bb.D, cfg.icm_heads, cfg.icm_max_len, rms)
-        self.mode = cfg.icm_mode
-        if self.mode not in ("both", "con", "rel", "off"):
-            raise RetrvError(f"--icm-mode must be both, con, rel or off (got {self.mode!r})")
+        self.icm = ICM(bb.D, ICM_HEADS, ICM_MAX_LEN, rms)
+        self.mode = cfg.icm_mode  # both | con | rel | off
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -2155,8 +1745,7 @@ def load_reasoner(cfg: Config, stage: str, dev: torch.device) -> Reasoner:
         sd = load_file(str(ck / "icm.safetensors"))
         theta.icm.load_state_dict(sd)
     except Exception as e:
-        raise RetrvError(f"{ck / 'icm.safetensors'} does not fit this config (--icm-heads/--icm-max-len/"
-                         f"width?): {str(e).splitlines()[0]}") from None
+        raise RetrvError(f"{ck / 'icm.safetensors'} does not fit this backbone: {str(e).splitlines()[0]}") from None
     return theta.to(dev)
 
 
@@ -2554,46 +2143,27 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 # 9. Stage 0 -- backbone warm-up (tiny backbone only)
 # =============================================================================================
 #
-# A random-initialised VLM cannot see. Before anything from the paper can work, we teach it what a
+# A random-initialised VLM cannot see. Before anything from the paper can work, it learns what a
 # pretrained VLM already knows about this world, from FULL tokens:
-#   caption:   [T_img]  "caption :"  -> "a large red circle top left , ... ."
+#   caption:   [T_img] "caption :" -> "a large red circle top left , ... ."
 #   relation:  [T_q] "candidate :" [T_c] "relation :" -> "differs : the circle has color blue not red ."
-#   ideal:     [T_q] "ideal :" -> caption of the scene the query asks for (--warmup-ideal-frac)
-#   copy:      caption(target) "ideal :" -> the same caption (words only; the first --warmup-copy-steps)
-#              (--warmup-copy-check-frac f: a share f of the copy steps' sequences are words-only checks)
+#   check:     "ideal :" caption "candidate :" caption "relation :" -> the relation  (words only; --warmup-check-frac)
+#   copy:      text query "ideal :" -> its caption, word for word   (words only; the first --warmup-copy-steps)
 # Fresh scenes are drawn every step from a seeded stream of the world (not from the files). A step's
-# sequences (25-60 tokens) run in --buckets length buckets (bucketed_lm_loss): one loss, less padding.
-# Plus, by default, the attribute probe (AttributeProbe, --warmup-probe 1.0): a linear head reads each
-# cell's shape / colour / size straight off the visual tokens. Without it colour is learned in a late
-# jump that 500 steps miss (held-out colour 0.65; 600 steps: 0.99); with it 500 steps reach colour 0.99
-# and a phi that is better on an independent draw of the world (README, "A shorter warm-up").
-# Why offer "ideal": phase 1 of the CoT ("speculate the ideal target") needs the LM to read the query
-# and write the target's caption -- copy a text query word by word, caption an image query, apply an
-# edit. The SFT model's "ideal" gets the sentence's shape and positions right but binds the wrong
-# colours and shapes to them, even when the query IS the caption (README, "Diagnosis"). Training it
-# here raised the teacher-forced accuracy (0.67 -> 0.86) but not the copy theta writes on its own,
-# so it is off by default -- a starting point for the exercise in notebook 03.
-# Why offer "copy": a text query's ideal (task 0) is a word-for-word copy, yet after the mixed warm-up
-# theta's shape words in it are at chance (teacher-forced 0.17, colour 1.00). On words alone a fresh
-# LM learns that copy late, in a jump (shape 0.17 -> 1.00 between steps 150 and 250), and an image
-# mix delays it (README, "theta cannot copy a shape word from a text query"). A copy learned first
-# survives the image steps after it (held-out copy 1.00, task 0's ideal exact 0.98-1.00 after SFT),
-# but SFT's R@1 on val does not rise, so it is off by default.
+# sequences (25-60 tokens) run in length buckets (bucketed_lm_loss): one loss, less padding.
+# Plus the attribute probe (AttributeProbe, --warmup-probe): a linear head reads each cell's shape /
+# colour / size straight off the visual tokens, a dense signal the caption loss reaches only through
+# the whole LM. The probe is thrown away after the warm-up.
+
+WARMUP_REL_FRAC = 0.5  # share of relation sequences among the image sequences (the rest: captions)
 
 
 def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match_frac: float = 0.0,
-                   rel_format: str = "sentence", scramble_frac: float = 0.0, structure: str = "star",
-                   wrap: str = "plain", K: int = 8) -> tuple[list, list]:
-    """One warm-up sequence (kind: caption | relation | ideal | check | copy) as (segments, images); an image is
-    (scene, jitter rng or None), rendered and embedded by warmup_batch. A relation's candidate is drawn
-    from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac;
-    with probability scramble_frac it is then replaced by scramble(target) (see there). `structure` is the
-    world's --neg-structure: a cube world's warm-up sees its 1-2-change negatives ("many changes").
-    wrap "trace" (SFT replay, --sft-replay-wrap): a relation's candidate comes in the trace's own tokens,
-    '<insp_s> k <insp_e> <full>' T_c '</full> relation :' (k drawn from 1..K, the run's rerank depth),
-    instead of 'candidate :' T_c 'relation :'."""
-    if wrap not in ("plain", "trace"):
-        raise RetrvError(f"--sft-replay-wrap must be plain or trace (got {wrap!r})")
+                   structure: str = "star") -> tuple[list, list]:
+    """One warm-up sequence (kind: caption | relation | check | copy) as (segments, images); an image is
+    (scene, jitter rng or None), rendered and embedded by warmup_rows. A relation's candidate is drawn
+    from the target and 3 hard negatives (match_frac = 0), or is the target with probability match_frac.
+    `structure` is the world's --neg-structure: a cube world's warm-up sees its 1-2-change negatives."""
     if kind == "caption":
         scene = random_scene(rng)
         return [("img", 0), ("ids", bb.ids("caption :"), False), ("ids", bb.ids(caption(scene)) + [bb.tid("<eos>")], True)], \
@@ -2608,13 +2178,11 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
         cand = g["pos"] if rng.random() < match_frac else rng.choice(g["negs"])
     else:
         cand = rng.choice([g["pos"]] + g["negs"])
-    if scramble_frac > 0 and kind in ("relation", "check") and rng.random() < scramble_frac:
-        cand = dict(cand, scene=scramble(q["target"], rng))
+    rel = bb.ids(describe_relation(q["target"], cand["scene"])) + [bb.tid("<eos>")]
     if kind == "check":  # words only: "ideal :" caption(target) "candidate :" caption(cand) "relation :" -> relation
         return [("ids", bb.ids("ideal :"), False), ("ids", bb.ids(caption(q["target"])), False),
                 ("ids", bb.ids("candidate :"), False), ("ids", bb.ids(caption(cand["scene"])), False),
-                ("ids", bb.ids("relation :"), False),
-                ("ids", bb.ids(describe_relation(q["target"], cand["scene"], rel_format)) + [bb.tid("<eos>")], True)], []
+                ("ids", bb.ids("relation :"), False), ("ids", rel, True)], []
     segs, imgs = [], []
     if q["scene"] is not None:
         jit = random.Random(rng.randrange(2**31)) if q["jitter"] else None
@@ -2622,60 +2190,38 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str, size: int, match
         segs.append(("img", len(imgs) - 1))
     if q["txt"]:
         segs.append(("ids", bb.ids(q["txt"]), False))
-    if kind == "relation" and rel_format in ("shows", "aligned"):  # as in the CoT: the ideal first, then the candidate
-        segs += [("ids", bb.ids("ideal :"), False), ("ids", bb.ids(caption(q["target"])), True)]
-    if kind == "ideal":
-        segs.append(("ids", bb.ids("ideal :"), False))
-        segs.append(("ids", bb.ids(caption(q["target"])) + [bb.tid("<eos>")], True))
-        return segs, imgs
-    segs.append(("ids", bb.ids(f"<insp_s> {rng.randint(1, K)} <insp_e> <full>" if wrap == "trace" else "candidate :"), False))
+    segs.append(("ids", bb.ids("candidate :"), False))
     if cand["modality"] == "text":
         segs.append(("ids", bb.ids(caption(cand["scene"])), False))
     else:
         imgs.append((cand["scene"], None))
         segs.append(("img", len(imgs) - 1))
-    segs.append(("ids", bb.ids("</full> relation :" if wrap == "trace" else "relation :"), False))
-    segs.append(("ids", bb.ids(describe_relation(q["target"], cand["scene"], rel_format)) + [bb.tid("<eos>")], True))
+    segs.append(("ids", bb.ids("relation :"), False))
+    segs.append(("ids", rel, True))
     return segs, imgs
 
 
-def warmup_kind(rng: random.Random, rel_frac: float, ideal_frac: float = 0.0, check_frac: float = 0.0) -> str:
-    """Draw a sequence kind: check with probability check_frac, ideal with probability ideal_frac, else
-    relation with probability rel_frac, else caption. (A zero share draws no extra random number.)"""
+def warmup_kind(rng: random.Random, rel_frac: float, check_frac: float = 0.0) -> str:
+    """Draw a sequence kind: check with probability check_frac, else relation with probability rel_frac,
+    else caption. (A zero check share draws no random number: the stream is the same as without it.)"""
     if check_frac > 0 and rng.random() < check_frac:
         return "check"
-    if ideal_frac > 0 and rng.random() < ideal_frac:
-        return "ideal"
     return "relation" if rng.random() < rel_frac else "caption"
 
 
-def warmup_batch(bb: Backbone, *args, **kwargs):
-    """-> inputs_embeds, attention mask, labels (lm_batch), and (visual tokens (N_img, n_img, D), their scenes);
-    the arguments are warmup_sequences'."""
-    rows, vis, scenes = warmup_sequences(bb, *args, **kwargs)
-    return (*lm_batch(bb, rows), (vis, scenes))
-
-
-def warmup_sequences(bb: Backbone, rng: random.Random, n: int, rel_frac: float, size: int, ideal_frac: float = 0.0,
-                     match_frac: float = 0.0, rel_format: str = "sentence", check_frac: float = 0.0,
-                     scramble_frac: float = 0.0, structure: str = "star", wrap: str = "plain", kind: str | None = None,
-                     copy_check_frac: float = 0.0, K: int = 8) -> tuple[list, torch.Tensor, list]:
+def warmup_sequences(bb: Backbone, rng: random.Random, n: int, rel_frac: float, check_frac: float = 0.0,
+                     structure: str = "star", kind: str | None = None) -> tuple[list, torch.Tensor, list]:
     """n warm-up sequences as lm_batch rows, their visual tokens (N_img, n_img, D) and scenes (warmup_rows).
-    kind: every sequence of that kind (the copy phase: kind="copy") instead of drawing each one's kind;
-    with kind="copy", a share copy_check_frac of them are words-only checks instead."""
-    def pick() -> str:
-        if kind == "copy" and copy_check_frac > 0 and rng.random() < copy_check_frac:
-            return "check"
-        return kind or warmup_kind(rng, rel_frac, ideal_frac, check_frac)
-    examples = [warmup_example(bb, rng, pick(), size, match_frac, rel_format, scramble_frac, structure, wrap, K)
+    kind: every sequence of that kind (the copy phase: kind="copy") instead of drawing each one's kind."""
+    examples = [warmup_example(bb, rng, kind or warmup_kind(rng, rel_frac, check_frac), IMAGE_SIZE, structure=structure)
                 for _ in range(n)]
-    return warmup_rows(bb, examples, size)
+    return warmup_rows(bb, examples, IMAGE_SIZE)
 
 
 def warmup_rows(bb: Backbone, examples: list, size: int) -> tuple[list, torch.Tensor, list]:
     """Render and embed the examples' images in one batch -> lm_batch rows, visual tokens, scenes."""
     imgs = [im for _, ims in examples for im in ims]
-    vis = None  # a batch of words only (check sequences) has no images
+    vis = None  # a batch of words only (check and copy sequences) has no images
     if imgs:
         pix = torch.stack([torch.from_numpy(np.asarray(render(sc, size, jitter=jit), dtype=np.uint8).copy()).permute(2, 0, 1)
                            for sc, jit in imgs])
@@ -2691,8 +2237,7 @@ def warmup_rows(bb: Backbone, examples: list, size: int) -> tuple[list, torch.Te
 class AttributeProbe(nn.Module):
     """Warm-up only (--warmup-probe w): read every cell's (shape, colour, size) -- or "empty" -- straight
     off an image's visual tokens. A dense, direct signal for the vision tower, which the caption loss
-    reaches only through the whole LM; shape in particular learns slowly that way. Thrown away after
-    the warm-up: theta and phi never see it.
+    reaches only through the whole LM. Thrown away after the warm-up: theta and phi never see it.
 
         logits = W . flatten(T_img)  ->  9 cells x (1 + |shapes| + 1 + |colours| + 1 + |sizes|)"""
 
@@ -2725,16 +2270,12 @@ class AttributeProbe(nn.Module):
 
 @torch.no_grad()
 def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: float = 0.0,
-                     ideal_frac: float = 0.0, rel_format: str = "sentence", structure: str = "star",
-                     kind: str | None = None) -> dict:
-    """Teacher-forced token accuracy on held-out scenes (a seed stream training never uses),
-    overall and per attribute word (shape / color / size / position). kind="copy": on text queries'
-    ideals (task 0), which are word-for-word copies (the same tokens theta predicts after a text query's
-    "ideal :" in any relation format, since the LM is causal)."""
+                     structure: str = "star") -> dict:
+    """Teacher-forced token accuracy on held-out scenes (a seed stream training never uses), overall and
+    per attribute word (shape / color / size / position). rel_frac = 1: on relation sequences instead."""
     bb.eval()
-    rng = random.Random(seed)
-    x, mask, labels, _ = warmup_batch(bb, rng, n, rel_frac, bb.image_size, ideal_frac, rel_format=rel_format,
-                                      structure=structure, kind=kind)
+    rows, _, _ = warmup_sequences(bb, random.Random(seed), n, rel_frac, structure=structure)
+    x, mask, labels = lm_batch(bb, rows)
     _, pred, valid = lm_loss(bb, x, mask, labels)
     tgt = labels[:, 1:]
     ok = (pred == tgt) & valid
@@ -2749,39 +2290,24 @@ def caption_accuracy(bb: Backbone, n: int = 256, seed: int = 12345, rel_frac: fl
 
 
 @torch.no_grad()
-def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, rel_format: str = "sentence",
-                   max_new: int = 0, kind: str = "relation", structure: str = "star") -> dict:
+def match_accuracy(bb: Backbone, n: int = 256, seed: int = 24680, structure: str = "star") -> dict:
     """The decision the inspection phase rests on: shown [T_q] "candidate :" [T_c] "relation :", does
-    the relation the LM writes itself (greedy, not teacher-forced) contain the right verdict word?
+    the relation the LM writes itself (greedy, not teacher-forced) say the right verdict word?
     Held-out relation sequences, half of them matches; accuracy on each half (a model that always
-    says "differs" scores 0.0 / 1.0). Greedy decoding matters: with teacher forcing, an object check's
-    verdict would just read the given checks. kind="check": the same decision on words only
-    ("ideal :" caption "candidate :" caption "relation :")."""
+    says "differs" scores 0.0 / 1.0)."""
     bb.eval()
-    max_new = max_new or {"sentence": 24, "aligned": 110}.get(rel_format, 72)
     rng = random.Random(seed)
-    examples = [warmup_example(bb, rng, kind, bb.image_size, 0.5, rel_format, structure=structure) for _ in range(n)]
-    rows, _, _ = warmup_rows(bb, examples, bb.image_size)
+    examples = [warmup_example(bb, rng, "relation", IMAGE_SIZE, 0.5, structure) for _ in range(n)]
+    rows, _, _ = warmup_rows(bb, examples, IMAGE_SIZE)
     m_id, d_id = bb.tid("match"), bb.tid("differs")
     is_match = torch.tensor([m_id in row[-1][1] for row in rows])
     ctx = assemble(bb, [row[:-1] for row in rows])  # everything up to "relation :"
-    outs = sample(bb, [bare_prompt(e) for e in ctx], max_new=max_new, greedy=True, inspect=False)
+    outs = sample(bb, [bare_prompt(e) for e in ctx], max_new=24, greedy=True, inspect=False)
     says_match = torch.tensor([m_id in r.ids and d_id not in r.ids for r in outs])
     bb.train()
     mean = lambda t: t.float().mean().item() if t.numel() else float("nan")
-    out = {"on_match": mean(says_match[is_match]), "on_differs": mean(~says_match[~is_match]),
-           "balanced": (mean(says_match[is_match]) + mean(~says_match[~is_match])) / 2}
-    if rel_format == "aligned":  # step by step, against the reference check (see aligned_diagnostics)
-        eos = bb.tok.eos_token_id
-        steps: dict[str, list] = {"read": [], "looked_up": [], "copied": []}
-        for row, r in zip(rows, outs):
-            ref = parse_aligned_check(bb.tok.decode([t for t in row[-1][1] if t != eos]))
-            gen = parse_aligned_check(bb.tok.decode(r.ids[: r.ids.index(eos)] if eos in r.ids else r.ids))
-            if ref and gen:
-                for k, v in check_steps(ref, gen).items():
-                    steps[k] += v
-        out.update({k: sum(v) / len(v) if v else float("nan") for k, v in steps.items()})
-    return out
+    return {"on_match": mean(says_match[is_match]), "on_differs": mean(~says_match[~is_match]),
+            "balanced": (mean(says_match[is_match]) + mean(~says_match[~is_match])) / 2}
 
 
 def warmup(cfg: Config, verbose: bool = True) -> dict:
@@ -2790,9 +2316,9 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         if verbose:
             print("[warmup] pretrained backbone: skipped (it already knows how to see)")
         return {}
-    dev, dt = enter_stage(cfg, verbose)
+    dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed)
-    bb = new_tiny_backbone(cfg).to(dev)
+    bb = new_tiny_backbone().to(dev)
     if verbose:
         n = sum(p.numel() for p in bb.parameters())
         print(f"[warmup] tiny Idefics3: {n / 1e6:.2f}M parameters, vocabulary {len(bb.tok)}")
@@ -2813,12 +2339,9 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     bb.train()
     for step in bar:
         with autocast(dev, dt):
-            rows, vis, scenes = warmup_sequences(bb, rng, cfg.warmup_batch, cfg.warmup_rel_frac, cfg.image_size,
-                                                 cfg.warmup_ideal_frac, cfg.warmup_match_frac, cfg.relation_format,
-                                                 cfg.warmup_check_frac, cfg.warmup_scramble_frac, cfg.neg_structure,
-                                                 kind="copy" if step < cfg.warmup_copy_steps else None,
-                                                 copy_check_frac=cfg.warmup_copy_check_frac)
-            loss, right, labelled = bucketed_lm_loss(bb, rows, cfg.buckets)
+            rows, vis, scenes = warmup_sequences(bb, rng, cfg.warmup_batch, WARMUP_REL_FRAC, cfg.warmup_check_frac,
+                                                 cfg.neg_structure, kind="copy" if step < cfg.warmup_copy_steps else None)
+            loss, right, labelled = bucketed_lm_loss(bb, rows, BUCKETS)
             probed = probe is not None and vis is not None  # a copy step has no image to probe
             if probed:
                 probe_loss, probe_shape = probe.loss(vis, scenes)
@@ -2832,19 +2355,15 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
         acc = right / max(1, labelled)
         extra = dict(probe_loss=probe_loss.item(), probe_shape_acc=probe_shape) if probed else {}
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", **{k: f"{v:.2f}" for k, v in extra.items()})
-        if step % cfg.log_every == 0 or step == cfg.warmup_steps - 1:
+        if step % LOG_EVERY == 0 or step == cfg.warmup_steps - 1:
             log.log(step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0], **extra)
         ck.step_done(step)
     if probe is not None:
         del bb.warmup_probe  # warm-up only; the saved backbone is the plain Idefics3
-    ns = cfg.neg_structure
     held = caption_accuracy(bb)
-    held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321, rel_format=cfg.relation_format, structure=ns)
-    held_ideal = caption_accuracy(bb, ideal_frac=1.0, seed=98765, structure=ns)
-    held_copy = caption_accuracy(bb, seed=13579, kind="copy", structure=ns)
-    held_match = match_accuracy(bb, rel_format=cfg.relation_format, structure=ns)
-    res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}, "ideal": held_ideal, "copy": held_copy,
-           "match": held_match}
+    held_rel = caption_accuracy(bb, rel_frac=1.0, seed=54321, structure=cfg.neg_structure)
+    held_match = match_accuracy(bb, structure=cfg.neg_structure)
+    res = {"caption": held, "relation": {"token_acc": held_rel["token_acc"]}, "match": held_match}
     with atomic_dir(Path(cfg.run_dir) / "warmup") as tmp:
         bb.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "warmup", cfg.warmup_steps, heldout=res), indent=2))
@@ -2852,14 +2371,8 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     if verbose:
         print("[warmup] held-out caption token acc {token_acc:.3f} (shape {shape_acc:.2f}, color {color_acc:.2f}, "
               "size {size_acc:.2f}, position {position_acc:.2f})".format(**held)
-              + f"; relation token acc {held_rel['token_acc']:.3f}; ideal (query -> target caption) token acc "
-              f"{held_ideal['token_acc']:.3f} (color {held_ideal['color_acc']:.2f}, shape {held_ideal['shape_acc']:.2f}; "
-              f"of a text query, a copy: color {held_copy['color_acc']:.2f}, shape {held_copy['shape_acc']:.2f})"
-              f"; verdict of a relation it writes itself (match_accuracy) right on matches {held_match['on_match']:.2f}, "
-              f"on negatives {held_match['on_differs']:.2f}"
-              + ("" if "copied" not in held_match else
-                 f"; where candidate and ideal differ: candidate's value read {held_match['read']:.2f}, ideal's "
-                 f"looked up {held_match['looked_up']:.2f}, copied from the candidate's {held_match['copied']:.2f}"))
+              + f"; relation token acc {held_rel['token_acc']:.3f}; verdict of a relation it writes itself: "
+              f"right on matches {held_match['on_match']:.2f}, on negatives {held_match['on_differs']:.2f}")
     return res
 
 
@@ -2933,7 +2446,7 @@ def alignment_batch(theta: Reasoner, emb: Embedder, pairs: list, con_t: list, re
 
 
 @torch.no_grad()
-def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list, rel_format: str = "sentence") -> dict:
+def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list) -> dict:
     """Teacher-forced token accuracy of the ground-truth descriptions (from the scene graphs), read
     from compressed vs from full tokens. Needs scene graphs (our world)."""
     bb = theta.bb
@@ -2944,7 +2457,7 @@ def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list, rel_format
         if target is None or cand is None:
             return {}
         con_t.append(bb.ids(caption(cand)) + [bb.tid("<eos>")])
-        rel_t.append(bb.ids(describe_relation(target, cand, rel_format)) + [bb.tid("<eos>")])
+        rel_t.append(bb.ids(describe_relation(target, cand)) + [bb.tid("<eos>")])
     out = {}
     for name, comp in (("compressed", True), ("full", False)):
         x, mask, labels = alignment_batch(theta, emb, pairs, con_t, rel_t, compressed=comp)
@@ -2958,7 +2471,7 @@ def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list, rel_format
 
 def align_icm(cfg: Config, verbose: bool = True) -> dict:
     """Stage 1: train only the ICM so the frozen LM says from 2 tokens what it says from all of them."""
-    dev, dt = enter_stage(cfg, verbose)
+    dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed + 2)
     theta = Reasoner(base_backbone(cfg), cfg).to(dev)
     for p in theta.bb.parameters():  # frozen: LM, vision encoder, connector, embeddings
@@ -2973,7 +2486,7 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
     for i in tqdm(range(0, len(pairs), 128), desc="self-alignment targets (frozen LM, full tokens)",
                   disable=not verbose):
         with autocast(dev, dt):
-            c, r = full_descriptions(theta, emb, pairs[i: i + 128], max_new={"sentence": 40, "aligned": 120}.get(cfg.relation_format, 80))
+            c, r = full_descriptions(theta, emb, pairs[i: i + 128], max_new=40)
         con_t += c
         rel_t += r
     opt = torch.optim.AdamW(theta.icm.parameters(), lr=cfg.align_lr, weight_decay=0.01)
@@ -2998,13 +2511,13 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
         sched.step()
         acc = ((pred == labels[:, 1:]) & valid).sum().item() / max(1, valid.sum().item())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        if step % cfg.log_every == 0 or step == cfg.align_steps - 1:
+        if step % LOG_EVERY == 0 or step == cfg.align_steps - 1:
             log.log(step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
         ck.step_done(step)
     theta.icm.eval()
     val_pairs = align_pairs(load_split(cfg.data_root, "val", tasks), random.Random(cfg.seed + 22), 256)
     with autocast(dev, dt):
-        val = description_accuracy(theta, emb, val_pairs, cfg.relation_format)
+        val = description_accuracy(theta, emb, val_pairs)
     with atomic_dir(Path(cfg.run_dir) / "icm") as tmp:
         theta.save(tmp)
         (tmp / "state.json").write_text(json.dumps(stage_state(cfg, "icm", cfg.align_steps, val=val), indent=2))
@@ -3031,10 +2544,9 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
 #   4 answer      "</think> <answer> 1 </answer>"
 # With a single kept candidate the answer follows without inspection, so N_ins varies with how
 # many look-alikes phi put in the top-K. The relation sentences are exactly what the warmed-up LM
-# learned to say from full tokens, so phase 3 reads what the splice shows -- in principle: at the
-# tiny scale the warm-up never learns the verdict itself (match_accuracy: "differs" every time), so
-# theta's "match" after a splice is a coin flip (README, "Diagnosis" 4). --relation-format objects |
-# shows changes phase 3's words (and the warm-up's) to a per-object check, an experiment.
+# learned to say from full tokens, so phase 3 can read what the splice shows. (How often theta's
+# verdict after a splice is right is what `eval` reports as "says match after inspecting the
+# positive / a negative".)
 
 CLEAR_KINDS = ("color", "size", "many")  # differences the teacher treats as visible when compressed
 
@@ -3049,17 +2561,11 @@ def relation_kind(rel: str) -> str:
     return "swapped" if "swapped" in rel else "many"
 
 
-def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full",
-              rel_format: str = "sentence", restate: bool = False) -> tuple[str, list[int]] | None:
+def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full") -> tuple[str, list[int]] | None:
     """The teacher's four-phase trace for one query (1-based candidate indices), or None when the
     positive is not among the K candidates (no correct trace exists).
     mode "noinsp" (the w/o-inspection ablation) drops phase 3 and answers from the compressed view;
-    mode "direct" (theta without reasoning) is just "<think> </think> <answer> k </answer>".
-    restate (--cot-restate): every inspection is written in the warm-up's relation order,
-        'ideal : <caption> <insp_s> k <insp_e> <full>..</full> relation : <check>'
-    so the ideal the check must look up sits just before the splice instead of back in phase 1
-    (behind the eliminate list and earlier checks). Measured on val: theta still copies the
-    candidate's value (looked up 0.18 vs 0.14), so distance is not the cause (README)."""
+    mode "direct" (theta without reasoning) is just "<think> </think> <answer> k </answer>"."""
     if not any(1 <= p <= len(cand_scenes) for p in positives):
         return None
     if mode == "direct":
@@ -3075,9 +2581,7 @@ def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full
     elif len(keep) > 1:
         for k in keep:
             inspected.append(k)
-            rel = describe_relation(target, cand_scenes[k - 1], rel_format)
-            parts += [f"ideal : {caption(target)} <insp_s> {k} <insp_e> relation : {rel}"] if restate else [
-                f"<insp_s> {k} <insp_e> {rel}"]
+            parts.append(f"<insp_s> {k} <insp_e> {rels[k - 1]}")
             if k in positives:
                 break
     answer = inspected[-1] if inspected else keep[0]
@@ -3145,13 +2649,10 @@ class RerankItem:
 
 @torch.no_grad()
 def rerank_items(cfg: Config, split: str, ret: Retriever | None = None, verbose: bool = True) -> list[RerankItem]:
-    """phi's top-K for every query of a split, cached in <run_dir>/topk_<split>.json (the train split
-    with --ret-folds: the out-of-fold rankings of fold_topk instead)."""
+    """phi's top-K for every query of a split, cached in <run_dir>/topk_<split>_K<K>.json."""
     cache_f = Path(cfg.run_dir) / f"topk_{split}_K{cfg.K}.json"
-    splits = load_split(cfg.data_root, split, parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
-    if split == "train" and cfg.ret_folds >= 2:  # cross-fitting: each query ranked by a phi that never saw it
-        top = fold_topk(cfg, verbose)
-    elif cache_f.exists():
+    splits = load_tasks(cfg, split)
+    if cache_f.exists():
         top = json.loads(cache_f.read_text())
     else:
         ret = ret or load_retriever(cfg).to(pick_device(cfg, False)[0])
@@ -3170,28 +2671,6 @@ def rerank_items(cfg: Config, split: str, ret: Retriever | None = None, verbose:
     return items
 
 
-def permute_item(it: RerankItem, rng: random.Random) -> RerankItem:
-    """The same query with its K candidates in a random order (positives re-indexed). Training on
-    shuffled orders takes away phi's rank as a shortcut: the position of the positive in phi's
-    top-K is far from uniform (often rank 2, behind a one-change hard negative), and a small
-    theta learns "answer 2" instead of comparing candidates."""
-    K = len(it.cands)
-    perm = list(range(K))
-    rng.shuffle(perm)  # new position n holds old candidate perm[n]
-    pos = [n + 1 for n, o in enumerate(perm) if o + 1 in it.positives]
-    return dataclasses.replace(it, cands=[it.cands[o] for o in perm], rows=[it.rows[o] for o in perm] + it.rows[K:],
-                               positives=pos, scenes=[it.scenes[o] for o in perm])
-
-
-def train_views(cfg: Config, items: list[RerankItem], rng: random.Random, views: int = 1) -> list[RerankItem]:
-    """What SFT/GRPO train on: phi's order, or `views` shuffled copies of every item."""
-    if cfg.cand_order == "phi":
-        return items
-    if cfg.cand_order != "shuffle":
-        raise RetrvError(f"--cand-order must be phi or shuffle (got {cfg.cand_order!r})")
-    return [permute_item(it, rng) for it in items for _ in range(views)]
-
-
 def build_sft_data(cfg: Config, items: list[RerankItem], teacher: dict | None = None, verbose: bool = True) -> list:
     """(item, trace text) for every train query that has a correct trace; prints the statistics."""
     data, kinds = [], {"scene": 0, "format_only": 0, "teacher": 0}
@@ -3199,7 +2678,7 @@ def build_sft_data(cfg: Config, items: list[RerankItem], teacher: dict | None = 
         if teacher and it.qid in teacher:
             tr, src = (teacher[it.qid], None), "teacher"
         elif it.target is not None and all(s is not None for s in it.scenes):
-            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode, cfg.relation_format, cfg.cot_restate), "scene"
+            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode), "scene"
         else:
             tr, src = format_only_trace(it.positives, cfg.K), "format_only"
         if tr is None:
@@ -3255,12 +2734,15 @@ def merge_lora(bb: Backbone) -> None:
                 setattr(mod, t, child.base)
 
 
-def trainable_theta(theta: Reasoner, cfg: Config) -> list:
+LORA_R = 16  # LoRA rank for pretrained LMs (the tiny LM is fully fine-tuned)
+
+
+def trainable_theta(theta: Reasoner) -> list:
     """Vision encoder + connector frozen; ICM trained; LM fully (tiny) or through LoRA (pretrained)."""
     for p in theta.bb.parameters():
         p.requires_grad_(False)
     if theta.bb.pretrained:
-        add_lora(theta.bb, cfg.lora_r)
+        add_lora(theta.bb, LORA_R)
     else:
         for p in theta.bb.text.parameters():
             p.requires_grad_(True)
@@ -3271,53 +2753,13 @@ def trainable_theta(theta: Reasoner, cfg: Config) -> list:
     return [p for p in theta.parameters() if p.requires_grad]
 
 
-def lookup_weights(text: str, w: float) -> list[float]:
-    """Per-word SFT loss weights of one aligned trace: w on the words of the ideal's value in every
-    phase-3 pair whose two values differ ('cross : yellow CYAN different'), 1 everywhere else.
-
-        L = - sum_t w_t log pi(y_t | y_<t) / #{t}        (w_t = 1 for every other token)
-
-    Why (--sft-lookup-weight): in a phase-3 check the ideal's value has to be looked up in phase 1
-    (the same-shape object of the ideal), but in the traces it equals the candidate's value written
-    one word earlier on 99% of pairs (an inspected positive has no differing pair, a one-change
-    negative one in ten), so SFT learns "repeat the previous word" instead of the lookup (README,
-    "the aligned configuration end to end"). Weighting the few pairs where that copy is wrong makes
-    copying cost what it should. Words, not tokens: the tiny word-level tokenizer only."""
-    words = text.split()
-    out, in_check, seg = [1.0] * len(words), False, []
-    for i, x in enumerate(words):
-        if x == "<insp_e>":
-            in_check, seg = True, []
-        elif x in ("<insp_s>", "</think>"):
-            in_check = False
-        elif in_check and x == "different" and len(seg) >= 2:
-            cut = pair_cut([v for _, v in seg], COLORS + SIZES + CELLS)
-            for j, _ in seg[cut:] if cut else []:
-                out[j] = w
-            seg = []
-        elif in_check:
-            seg = [] if x in (":", ",", ";", ".", "same", "different") else seg + [(i, x)]
-    return out
-
-
-def sft_loss(theta: Reasoner, emb: Embedder, batch: list, lookup_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """-mean log p(teacher tokens): prompt and spliced observations never count (score() masks them);
-    with lookup_weight != 1 the ideal's differing values in aligned checks count that much (lookup_weights)."""
+def sft_loss(theta: Reasoner, emb: Embedder, batch: list) -> tuple[torch.Tensor, dict]:
+    """L_SFT = -(1 / #tokens) sum_t log pi(y_t | prompt, y_<t, splices): the mean over the teacher's
+    generated tokens only; the prompt and the spliced observations never count (score() masks them)."""
     prompts = build_prompts(theta, emb, [it.query for it, _ in batch], [it.cands for it, _ in batch])
     rolls = [trace_rollout(theta.bb, text) for _, text in batch]
-    logp, mask = score(theta, prompts, rolls)
-    weight = mask
-    if lookup_weight != 1.0:
-        weight = torch.ones_like(mask)
-        for b, ((_, text), r) in enumerate(zip(batch, rolls)):
-            w = lookup_weights(text, lookup_weight)
-            w = w[1:] if text.split()[:1] == ["<think>"] else w  # trace_rollout drops the leading <think>
-            if len(w) != len(r.ids):
-                raise RetrvError("--sft-lookup-weight needs the word-level tokenizer of the tiny backbone "
-                                 f"({len(r.ids)} tokens for {len(w)} words in a trace)")
-            weight[b, : len(w)] = torch.tensor(w, device=mask.device)
-        weight = weight * mask
-    loss = -(logp * weight).sum() / mask.sum().clamp(min=1)
+    logp, mask = score(theta, prompts, rolls)  # (N, T), (N, T)
+    loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
     return loss, dict(tokens=int(mask.sum().item()))
 
 
@@ -3328,28 +2770,17 @@ def save_theta(cfg: Config, theta: Reasoner, stage: str, step: int, **extra) -> 
 
 
 def train_sft(cfg: Config, verbose: bool = True) -> dict:
-    """Stage 2: SFT activation on the synthetic CoT (ICM + LM jointly, vision frozen).
-    --sft-replay n adds n warm-up relation sequences to every step (their LM loss, weight 1). Why: SFT
-    makes the tiny LM forget the warm-up's check -- on held-out relation pairs (match_accuracy) the
-    aligned warm-up catches 0.64 of one-change negatives, the SFT model on top of it 0.25 (README)."""
-    dev, dt = enter_stage(cfg, verbose)
+    """Stage 2: SFT activation on the synthetic CoT (ICM + LM jointly, vision frozen)."""
+    dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed + 3)
-    if cfg.sft_from not in ("icm", "none"):
-        raise RetrvError(f"--sft-from must be icm or none (got {cfg.sft_from!r})")
     # "none" = a fresh, unaligned ICM: the w/o-self-alignment ablation
     theta = load_reasoner(cfg, "icm", dev) if cfg.sft_from == "icm" else Reasoner(base_backbone(cfg), cfg).to(dev)
-    items = theta_train_items(cfg, rerank_items(cfg, "train", verbose=verbose))
+    items = rerank_items(cfg, "train", verbose=verbose)
     teacher = load_teacher_cots(cfg.cot_file) if cfg.cot_file else None
-    if teacher is None:  # a teacher file's traces refer to phi's order: never shuffled
-        items = train_views(cfg, items, random.Random(cfg.seed + 33), cfg.sft_views)
     data = build_sft_data(cfg, items, teacher, verbose)
     if not data:
         raise RetrvError("SFT: no train query has a correct trace (phi never retrieves a positive in the top-K?)")
-    if verbose and cfg.sft_lookup_weight != 1.0:
-        n_w = sum(v != 1.0 for _, t in data for v in lookup_weights(t, cfg.sft_lookup_weight))
-        print(f"[sft] lookup weight {cfg.sft_lookup_weight:g} on {n_w} words (the ideal's values that differ from "
-              f"the candidate's) of {sum(len(t.split()) for _, t in data)} in {len(data)} traces")
-    params = trainable_theta(theta, cfg)
+    params = trainable_theta(theta)
     emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.01)
     sched = cosine_schedule(opt, cfg.sft_steps, warmup=max(1, cfg.sft_steps // 20))
@@ -3363,13 +2794,7 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
     for step in bar:
         batch = rng.sample(data, min(cfg.sft_batch, len(data)))
         with autocast(dev, dt):
-            loss, st = sft_loss(theta, emb, batch, cfg.sft_lookup_weight)
-            if cfg.sft_replay > 0:  # L = L_SFT + L_LM(warm-up relation sequences)
-                x, mask, labels, _ = warmup_batch(theta.bb, rng, cfg.sft_replay, 1.0, theta.bb.image_size,
-                                                  rel_format=cfg.relation_format, structure=cfg.neg_structure,
-                                                  wrap=cfg.sft_replay_wrap, K=cfg.K)
-                replay, _, _ = lm_loss(theta.bb, x, mask, labels)
-                loss, st = loss + replay, dict(st, replay_loss=replay.item())
+            loss, st = sft_loss(theta, emb, batch)
         check_finite(loss, "sft", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -3377,7 +2802,7 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.log_every == 0 or step == cfg.sft_steps - 1:
+        if step % LOG_EVERY == 0 or step == cfg.sft_steps - 1:
             log.log(step=step, loss=loss.item(), grad_norm=float(gn), lr=sched.get_last_lr()[0], **st)
         ck.step_done(step)
     if theta.bb.pretrained:
@@ -3402,32 +2827,16 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
 #   * spliced observation tokens are never scored (score() masks them);
 #   * RL data are the harder train queries (those the SFT model does not solve reliably).
 
+EPS_CLIP = 0.2  # PPO clip range epsilon
+
 
 def rl_queries(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem], verbose: bool) -> list[RerankItem]:
-    """Train queries whose positive phi retrieved, up to grpo_pool of them. hard: ranked hardest first
-    for the SFT model (those it gets wrong greedily, then those where phi's rank-1 is wrong); all: a
-    random sample of the train distribution; balanced: equal shares of queries whose positive is phi's
-    rank 1, rank 2 and rank 3 or lower, so that no fixed rank earns the reward. (Why: "hard" keeps the
-    SFT model's failures, i.e. the queries where the rank it favours is wrong, and GRPO then learns to
-    answer another fixed rank -- README, "the aligned configuration end to end".)"""
+    """Train queries whose positive phi retrieved, up to grpo_pool of them, hardest first for the SFT
+    model: those it gets wrong greedily, then those it gets right where phi's rank 1 is wrong, then the
+    rest. Groups the model always solves (or always fails) have zero reward variance, so no signal."""
     cand = [it for it in items if it.positives]
     rng = random.Random(cfg.seed + 41)
     rng.shuffle(cand)
-    if cfg.grpo_pool_mode == "balanced":
-        buckets = [[it for it in cand if min(it.positives) == r] for r in (1, 2)]
-        buckets.append([it for it in cand if min(it.positives) >= 3])
-        n = min(cfg.grpo_pool // 3, *map(len, buckets))
-        chosen = [it for b in buckets for it in b[:n]]
-        rng.shuffle(chosen)
-        if verbose:
-            print(f"[grpo] RL pool: {len(chosen)} train queries, {n} each with the positive at phi's rank 1, 2 and 3+")
-        return chosen
-    if cfg.grpo_pool_mode == "all":  # the train distribution; groups the model solves (or fails)
-        if verbose:  # reliably have zero reward variance, so advantage 0: the filter happens online
-            print(f"[grpo] RL pool: {min(len(cand), cfg.grpo_pool)} random train queries whose positive phi retrieved")
-        return cand[: cfg.grpo_pool]
-    if cfg.grpo_pool_mode != "hard":
-        raise RetrvError(f"--grpo-pool-mode must be hard, all or balanced (got {cfg.grpo_pool_mode!r})")
     cand = cand[: cfg.grpo_pool * 2]
     res = rerank(cfg, theta, emb, cand, verbose=verbose, desc="choosing RL queries")
     wrong = [it for it, r in zip(cand, res) if r["pick"] not in it.positives]
@@ -3442,7 +2851,7 @@ def rl_queries(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankIt
 
 def train_grpo(cfg: Config, verbose: bool = True) -> dict:
     """Stage 3: GRPO from the SFT model (or from the aligned ICM model: the w/o-SFT ablation)."""
-    dev, dt = enter_stage(cfg, verbose)
+    dev, dt = pick_device(cfg, verbose)
     seed_everything(cfg.seed + 4)
     theta = load_reasoner(cfg, cfg.grpo_from, dev)
     ref = None
@@ -3452,9 +2861,9 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
             p.requires_grad_(False)
     emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
     ref_emb = Embedder(ref.bb, emb.cache, frozen_vision=True) if ref is not None else None
-    items = theta_train_items(cfg, rerank_items(cfg, "train", verbose=verbose))
+    items = rerank_items(cfg, "train", verbose=verbose)
     pool = rl_queries(cfg, theta, emb, items, verbose)
-    params = trainable_theta(theta, cfg)
+    params = trainable_theta(theta)
     opt = torch.optim.AdamW(params, lr=cfg.grpo_lr, weight_decay=0.0)
     sched = cosine_schedule(opt, cfg.grpo_steps * cfg.grpo_mu, warmup=1)
     rng = random.Random(cfg.seed + 42)
@@ -3465,14 +2874,14 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
     bar = tqdm(range(start, cfg.grpo_steps), initial=start, total=cfg.grpo_steps, desc="GRPO", disable=not verbose)
     for step in bar:
         lam = cfg.fixed_lambda if cfg.fixed_lambda >= 0 else curriculum_lambda(step, cfg.grpo_steps)
-        batch = train_views(cfg, rng.sample(pool, min(cfg.grpo_batch, len(pool))), rng)
+        batch = rng.sample(pool, min(cfg.grpo_batch, len(pool)))
         t0 = time.perf_counter()
         theta.eval()
         with torch.no_grad(), autocast(dev, dt):  # --- rollouts
             prompts = build_prompts(theta, emb, [it.query for it in batch], [it.cands for it in batch])
             rep = [p for p in prompts for _ in range(G)]  # (B*G) prompts, group-major
             seeds = [cfg.seed * 1_000_003 + step * 10_007 + n for n in range(len(rep))]
-            rolls = sample(theta, rep, max_new=cfg.max_new, temperature=cfg.temperature, top_p=cfg.top_p, seeds=seeds,
+            rolls = sample(theta, rep, max_new=cfg.max_new, temperature=1.0, seeds=seeds,
                            inspect=cfg.inspect)
         t_roll = time.perf_counter() - t0
         rw = [trace_reward(r.text, r.N_ins, r.errors, batch[n // G].positives, K, lam) for n, r in enumerate(rolls)]
@@ -3494,11 +2903,11 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
             with autocast(dev, dt):
                 prompts = build_prompts(theta, emb, [it.query for it in batch], [it.cands for it in batch])
                 logp, mask = score(theta, [p for p in prompts for _ in range(G)], rolls)
-                loss, st = grpo_loss(logp, old_logp, ref_logp, adv, mask, cfg.eps_clip, cfg.beta, cfg.grpo_agg)
+                loss, st = grpo_loss(logp, old_logp, ref_logp, adv, mask, EPS_CLIP, cfg.beta)
             check_finite(loss, "grpo", step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grpo_clip)
+            gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
         t_upd = time.perf_counter() - t1
@@ -3508,10 +2917,10 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
                    completion_len=sum(len(r.ids) for r in rolls) / len(rolls), frac_zero_std=zero_std,
                    grad_norm=float(gn), loss=loss.item(), rollout_s=t_roll, update_s=t_upd)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", N_ins=f"{row['N_ins']:.2f}", lam=f"{lam:.2f}")
-        if step % cfg.log_every == 0 or step == cfg.grpo_steps - 1:
+        if step % LOG_EVERY == 0 or step == cfg.grpo_steps - 1:
             row["sample"] = rolls[0].text
             log.log(**row)
-            if verbose and step % (cfg.log_every * 4) == 0:
+            if verbose and step % (LOG_EVERY * 4) == 0:
                 tqdm.write(f"[grpo] step {step} sample (reward {rw[0]['reward']:.2f}): {rolls[0].text[:300]}")
         else:
             log.log(**row)
@@ -3556,24 +2965,14 @@ def coarse_embed(cfg: Config, ret: Retriever, ts: TaskSplit, cache: ImageCache |
 
 
 def phi_topk(cfg: Config, ret: Retriever, splits: list[TaskSplit], desc: str = "phi top-K",
-             verbose: bool = False, chunks: dict | None = None) -> dict[str, list[list[int]]]:
-    """{split name: phi's ranked pool rows per query}, deep enough for theta's K and for R@10.
-    With `chunks` ({split name: [(query rows, pool rows)]}) each query is ranked in its chunk's pool."""
+             verbose: bool = False) -> dict[str, list[list[int]]]:
+    """{split name: phi's ranked pool rows per query}, deep enough for theta's K and for R@10."""
     top, cache = {}, ImageCache(ret.bb.image_size)
     for ts in tqdm(splits, desc=desc, disable=not verbose):
         check_K(cfg, ts)
         qs, cs = coarse_embed(cfg, ret, ts, cache)  # (Q, d), (N, d)
-        rows: list = [None] * len(ts)
-        whole = [(list(range(len(ts))), list(range(len(ts.pool))))]  # one chunk: every query, the whole pool
-        for q_rows, p_rows in (chunks[ts.name] if chunks else whole):
-            if not q_rows:
-                continue
-            if cfg.K > len(p_rows):
-                raise RetrvError(f"K={cfg.K} is larger than a chunk of {ts.pool_file} ({len(p_rows)} candidates)")
-            _, idx = topk_search(qs[q_rows], cs[p_rows], max(cfg.K, min(10, len(p_rows))))  # (Q_c, depth)
-            for i, r in zip(q_rows, idx.tolist()):
-                rows[i] = [p_rows[j] for j in r]
-        top[ts.name] = rows
+        _, idx = topk_search(qs, cs, max(cfg.K, min(10, len(ts.pool))))  # (Q, depth)
+        top[ts.name] = idx.tolist()
     return top
 
 
@@ -3584,7 +2983,7 @@ def check_K(cfg: Config, ts: TaskSplit) -> None:
 
 def coarse_recall(cfg: Config, ret: Retriever, split: str, verbose: bool = True) -> dict:
     """phi alone on a split: per-task and averaged hit rates at 1, 5, 10 and K."""
-    splits = load_split(cfg.data_root, split, parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
+    splits = load_tasks(cfg, split)
     ks = sorted({1, 5, 10, cfg.K})
     tasks, cache = {}, ImageCache(ret.bb.image_size)
     blind = {}
@@ -3603,9 +3002,9 @@ def coarse_recall(cfg: Config, ret: Retriever, split: str, verbose: bool = True)
 def consensus_pick(C: torch.Tensor) -> int:
     """A query-blind control: among phi's top-K (unit embeddings C (K, d)), the candidate closest on
     average to the other K-1,  argmax_k sum_{j != k} <c_k, c_j>.  It never looks at the query (the
-    query only chose the K). In the default world every hard negative is one change from the target,
-    so the target is the hub of its look-alikes and this rule finds it far more often than phi's own
-    rank 1 (README, "A shortcut in the world"); a reranker's R@1 means something only above it."""
+    query only chose the K). In the star world every hard negative is one change from the target, so
+    the target is the hub of its look-alikes and this rule finds it far more often than phi's own
+    rank 1; a reranker's R@1 means something only above it."""
     sim = C @ C.T  # (K, K)
     return int((sim.sum(1) - sim.diagonal()).argmax())
 
@@ -3663,16 +3062,14 @@ def summarize_rerank(cfg: Config, res: list[dict], pos_rows: dict) -> dict:
 
 def phase3_text(seg: str) -> str:
     """What theta wrote after one splice (seg = the text after an <insp_e>): up to the next request or
-    the end of thinking, without the 'relation :' and the next restated ideal of --cot-restate traces."""
-    s = seg.split("<insp_s>")[0].split("</think>")[0].split(" ideal :")[0].strip()
-    return s.removeprefix("relation :").strip()
+    the end of thinking."""
+    return seg.split("<insp_s>")[0].split("</think>")[0].strip()
 
 
 def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
     """Where theta's reasoning goes wrong, phase by phase (synthetic data: needs the scene graphs).
 
-        ideal_exact / ideal_word_acc   phase 1: the "ideal" it wrote vs the caption of the target
-                                       (exact, and word-by-word at the same position), per task
+        ideal_exact                    phase 1: the share of "ideal"s equal to the target's caption, per task
         positive_kept                  phase 2: share of queries (positive in the top-K) whose
                                        "keep" list still holds the positive
         answered_inspected_positive    phase 3: of the queries where it inspected the positive, the
@@ -3683,7 +3080,7 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
         pick_share                     the share of answers that are phi's rank k (a rank prior shows
                                        up as one k taking most of the mass)"""
     by_qid = {it.qid: it for it in items}
-    ideal, words, kept, answered = {}, {}, [], []
+    ideal, kept, answered = {}, [], []
     said_match: dict[bool, list] = {True: [], False: []}  # is the inspected candidate a positive? -> says match
     picks: dict[str, int] = {}
     for r in res:
@@ -3692,9 +3089,7 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
         if it.target is None:
             continue
         m = re.search(r"ideal :(.*?)(?:eliminate :|keep :|<insp_s>|</think>|$)", text)
-        gen, ref = (m.group(1).split() if m else []), caption(it.target).split()
-        ideal.setdefault(r["task"], []).append(gen == ref)
-        words.setdefault(r["task"], []).append(sum(a == b for a, b in zip(gen, ref)) / len(ref))
+        ideal.setdefault(r["task"], []).append((m.group(1).split() if m else []) == caption(it.target).split())
         if not r["positives"]:
             continue
         m = re.search(r"keep :([^.<]*)", text)
@@ -3706,224 +3101,21 @@ def trace_diagnostics(items: list[RerankItem], res: list[dict]) -> dict:
             said_match[k in r["positives"]].append("match" in phase3_text(seg).split())
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     return {"ideal_exact": {t: mean(v) for t, v in ideal.items()},
-            "ideal_word_acc": {t: mean(v) for t, v in words.items()},
             "positive_kept": mean(kept), "n_with_keep": len(kept),
             "answered_inspected_positive": mean(answered), "n_inspected_positive": len(answered),
             "match_on_positive": mean(said_match[True]), "match_on_negative": mean(said_match[False]),
             "n_inspections": {"positive": len(said_match[True]), "negative": len(said_match[False])},
-            "pick_share": {k: v / len(res) for k, v in sorted(picks.items())},
-            "aligned": aligned_diagnostics(items, res)}
-
-
-def aligned_diagnostics(items: list[RerankItem], res: list[dict]) -> dict | None:
-    """Phase 3 step by step for --relation-format aligned traces (None for other formats). After a
-    splice theta writes, per candidate object, "<candidate's value> <ideal's value> same|different".
-    Over the attributes where the inspected candidate and the target really differ:
-        read       the first word is the candidate's value (theta read the splice)
-        looked_up  the second word is the target's value (theta looked the ideal up)
-        copied     the second word repeats the first (the shortcut: every pair then says "same")
-    consistent: the same/different word agrees with the two words before it (all pairs).
-    "looked up" above is scored against the *true* target. theta looks up the ideal it wrote itself
-    (phase 1, or the restated one just before the splice), which can be wrong; "own" separates the two
-    (same differing values, where theta's ideal names the object's shape):
-        own_is_target      theta's ideal holds the target's value there
-        own_is_candidate   theta's ideal holds the candidate's value (then copying = a faithful lookup
-                           of a wrong ideal)
-        followed_own       the second word is theta's own ideal's value, whatever it is
-        looked_up_own_right  looked_up, counted only where theta's ideal is right there"""
-    by_qid = {it.qid: it for it in items}
-    steps: dict[str, list] = {"read": [], "looked_up": [], "copied": []}
-    own: dict[str, list] = {"own_is_target": [], "own_is_candidate": [], "followed_own": [], "looked_up_own_right": []}
-    consistent, parsed = [], []
-    for r in res:
-        it = by_qid[r["qid"]]
-        if it.target is None:
-            continue
-        chunks = r["text"].split("<insp_e>")
-        for i, (k, seg) in enumerate(zip(r.get("inspected", []), chunks[1:])):
-            gen = parse_aligned_check(phase3_text(seg))
-            parsed.append(gen is not None)
-            if gen is None:
-                continue
-            consistent += [(word == "same") == (a == b) for pairs in gen["objects"].values() for a, b, word in pairs or []]
-            ref = parse_aligned_check(aligned_check(it.target, it.scenes[k - 1]))
-            for key, v in check_steps(ref, gen).items():
-                steps[key] += v
-            before = "<insp_e>".join(chunks[: i + 1]).rpartition("ideal :")[2]  # the nearest ideal theta wrote
-            mine = parse_caption(re.split(r"eliminate :|keep :|<insp_s>|</think>", before)[0])
-            for shape, pairs in ref["objects"].items():
-                for j, ((a, b, _), (ga, gb, _)) in enumerate(zip(pairs or [], gen["objects"].get(shape) or [])):
-                    if a == b or shape not in mine:
-                        continue
-                    o = mine[shape][j]
-                    own["own_is_target"].append(o == b)
-                    own["own_is_candidate"].append(o == a)
-                    own["followed_own"].append(gb == o)
-                    if o == b:
-                        own["looked_up_own_right"].append(gb == b)
-    if not any(parsed):
-        return None
-    mean = lambda xs: sum(xs) / len(xs) if xs else None
-    return {"parsed": mean(parsed), "n_differing": len(steps["read"]), **{k: mean(v) for k, v in steps.items()},
-            "consistent": mean(consistent), "n_own": len(own["own_is_target"]),
-            "n_own_right": len(own["looked_up_own_right"]), **{k: mean(v) for k, v in own.items()}}
+            "pick_share": {k: v / len(res) for k, v in sorted(picks.items())}}
 
 
 def format_diagnostics(d: dict) -> str:
     f = lambda v: "–" if v is None else f"{v:.2f}"
     return ("phase 1 ideal exact (per task): " + " ".join(f"{t}:{f(v)}" for t, v in d["ideal_exact"].items())
-            + " | word acc: " + " ".join(f"{t}:{f(v)}" for t, v in d["ideal_word_acc"].items())
             + f"\nphase 2 positive kept {f(d['positive_kept'])} (of {d['n_with_keep']})"
             + f" | phase 3 answered the inspected positive {f(d['answered_inspected_positive'])}"
             + f" (of {d['n_inspected_positive']}); says \"match\" after inspecting the positive "
-            + f"{f(d.get('match_on_positive'))}, a negative {f(d.get('match_on_negative'))}"
-            + "\nanswers by phi rank: "
-            + " ".join(f"{k}:{v:.2f}" for k, v in d["pick_share"].items())
-            + ("" if not d.get("aligned") else
-               "\nphase 3 aligned checks, where candidate and target differ (of {n_differing} values): "
-               "candidate's value read {read}, ideal's value looked up {looked_up}, copied from the "
-               "candidate's {copied}; same/different agrees with its two words {consistent}"
-               "\n  against theta's own ideal (of {n_own} values whose shape it names): its ideal holds the target's value "
-               "{own_is_target}, the candidate's {own_is_candidate}; the check writes its own ideal's value "
-               "{followed_own}; looked up where its ideal is right {looked_up_own_right} (of {n_own_right})".format(
-                   **{k: v if k.startswith("n_") else f(v) for k, v in d["aligned"].items()}))
-            + ("" if not d.get("warmup_check") else
-               "\nthe warm-up's own check, held-out pairs (match_accuracy: what theta kept of stage 0): says match on "
-               "matches {on_match}, differs on one-change negatives {on_differs}".format(
-                   **{k: f(v) for k, v in d["warmup_check"].items()})))
-
-
-# ---- a cross-encoder probe: can this backbone tell phi's candidates apart at all? ---------------
-#
-#   s(q, c) = w . h_last( LM([T_q ; "candidate :" ; T_c ; "relation :"]) )
-#   L = -log softmax_k s(q, c_k)[k = positive]          over phi's top-K of one train query
-# Not part of the paper: a diagnostic (`eval --stage probe`). Every theta above must compare a query
-# with its candidates inside the LM's attention. The probe asks that question with everything else
-# taken away -- no generation, no ICM, no rank prior (each pair is scored alone, so phi's order is
-# invisible): trained directly to pick the positive, does the LM learn the comparison? The head starts
-# as the LM's own verdict logit, "match" minus "differs" (step 0 is zero-shot). --probe-lists easy
-# replaces the K-1 negatives by candidates of other queries of the same task: the sanity check that
-# the probe learns when the comparison is coarse.
-
-
-def easy_lists(items: list[RerankItem], rng: random.Random) -> list[RerankItem]:
-    """Each item with a positive -> its first positive at a random place among K-1 candidates drawn from
-    other queries' top-K of the same task (other scene groups; a sanity check for the probe)."""
-    keep = [it for it in items if it.positives]
-    by_task: dict[str, list[RerankItem]] = {}
-    for it in keep:
-        by_task.setdefault(it.task, []).append(it)
-    out = []
-    for it in keep:
-        K = len(it.cands)
-        others = [o for o in by_task[it.task] if o.qid != it.qid]
-        if len(others) < K - 1:
-            raise RetrvError(f"--probe-lists easy needs at least {K} queries of task {it.task} (got {len(others) + 1})")
-        picks = [(o, rng.randrange(K)) for o in rng.sample(others, K - 1)]
-        k = rng.randrange(K)
-        p = it.positives[0] - 1
-        cands = [o.cands[j] for o, j in picks]
-        scenes = [o.scenes[j] for o, j in picks]
-        out.append(dataclasses.replace(it, cands=cands[:k] + [it.cands[p]] + cands[k:], positives=[k + 1],
-                                       scenes=scenes[:k] + [it.scenes[p]] + scenes[k:], rows=[]))
-    return out
-
-
-def probe_scores(bb: Backbone, emb: Embedder, head: nn.Linear, items: list[RerankItem]) -> torch.Tensor:
-    """The probe's score of every (query, candidate) pair -> (B, K); each pair is one sequence."""
-    qT, qm = emb.tokens([it.query for it in items])  # (B, Lq, D)
-    cT, cm = emb.tokens([c for it in items for c in it.cands])  # (B*K, Lc, D)
-    sep, rel = (bb.embed_text(torch.tensor([bb.ids(w)], device=bb.device))[0] for w in ("candidate :", "relation :"))  # (L_w, D)
-    K = len(items[0].cands)
-    seqs = [torch.cat([qT[i, : int(qm[i].sum())], sep, cT[i * K + k, : int(cm[i * K + k].sum())], rel])
-            for i in range(len(items)) for k in range(K)]
-    x, m = pad_stack(seqs)  # (B*K, L, D)
-    h, _, _ = bb.lm(x, attention_mask=m, logits=False)
-    last = h[torch.arange(len(seqs), device=h.device), m.sum(1) - 1]  # (B*K, D): at "relation :"
-    return head(last.float()).view(len(items), K)
-
-
-def cross_encoder_probe(cfg: Config, split: str | None = None, verbose: bool = True) -> dict:
-    """Train the probe above on the train split's lists (phi's top-K, or easy ones) from this run's
-    warmed-up backbone; R@1 on `split` at step 0, every quarter and at the end. Writes
-    <run_dir>/probe_<lists>[_vision]_<split>.json (--probe-vision: the vision tower and connector train too).
-    Nothing of the run is changed."""
-    split = split or cfg.split
-    if cfg.probe_lists not in ("phi", "easy"):
-        raise RetrvError(f"--probe-lists must be phi or easy (got {cfg.probe_lists!r})")
-    dev, dt = enter_stage(cfg, verbose)
-    seed_everything(cfg.seed)
-    rng = random.Random(f"{cfg.seed}-probe")
-    train = [it for it in rerank_items(cfg, "train", verbose=verbose) if it.positives]
-    test = rerank_items(cfg, split, verbose=verbose)
-    if cfg.probe_lists == "easy":
-        train, test = easy_lists(train, rng), easy_lists(test, rng)
-    if not train:
-        raise RetrvError("the probe has no train query whose positive is in phi's top-K")
-    bb = base_backbone(cfg).to(dev)
-    if not cfg.probe_vision:  # as in SFT: the vision side is frozen, so its tokens are computed once
-        bb.freeze_vision()
-    emb = Embedder(bb, ImageCache(bb.image_size), frozen_vision=not cfg.probe_vision)
-    head = nn.Linear(bb.D, 1).to(dev)
-    with torch.no_grad():  # step 0 = the LM's own verdict: logit("match") - logit("differs")
-        words = [bb.ids(w) for w in ("match", "differs")]
-        head.weight.zero_()
-        head.bias.zero_()
-        if all(len(w) == 1 for w in words):
-            head.weight.copy_((bb.lm_head.weight[words[0][0]] - bb.lm_head.weight[words[1][0]]).float()[None])
-
-    @torch.no_grad()
-    def r_at_1() -> dict:
-        bb.eval()
-        hits: dict[str, list[bool]] = {}
-        for i in range(0, len(test), 32):
-            chunk = test[i: i + 32]
-            with autocast(dev, dt):
-                s = probe_scores(bb, emb, head, chunk)  # (b, K)
-            for it, pick in zip(chunk, s.argmax(-1).tolist()):
-                hits.setdefault(it.task, []).append(pick + 1 in it.positives)
-        bb.train()
-        every = [h for v in hits.values() for h in v]
-        return {"avg": sum(every) / len(every), "tasks": {t: sum(v) / len(v) for t, v in hits.items()}}
-
-    params = [prm for prm in bb.parameters() if prm.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.probe_lr, weight_decay=0.01)
-    sched = cosine_schedule(opt, cfg.probe_steps, warmup=max(1, cfg.probe_steps // 20))
-    curve = [{"step": 0, **r_at_1()}]
-    accs, losses = [], []
-    bar = tqdm(range(cfg.probe_steps), desc=f"cross-encoder probe ({cfg.probe_lists} lists)", disable=not verbose)
-    for step in bar:
-        batch = rng.sample(train, min(cfg.probe_batch, len(train)))
-        with autocast(dev, dt):
-            s = probe_scores(bb, emb, head, batch)  # (B, K)
-        tgt = torch.tensor([rng.choice(it.positives) - 1 for it in batch], device=dev)
-        loss = F.cross_entropy(s.float(), tgt)
-        check_finite(loss, "probe", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        accs.append((s.argmax(-1) == tgt).float().mean().item())
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(accs[-25:]) / len(accs[-25:]):.2f}")
-        if (step + 1) % max(1, cfg.probe_steps // 4) == 0 or step == cfg.probe_steps - 1:
-            curve.append({"step": step + 1, **r_at_1()})
-    n = min(25, len(losses))
-    out = {"lists": cfg.probe_lists, "split": split, "K": cfg.K, "steps": cfg.probe_steps, "lr": cfg.probe_lr,
-           "vision_trained": cfg.probe_vision,
-           "chance": 1 / cfg.K, "phi_R@1": sum(1 in it.positives for it in test) / len(test), "curve": curve,
-           "final_train_loss": sum(losses[-n:]) / max(1, n), "final_train_acc": sum(accs[-n:]) / max(1, n)}
-    name = f"probe_{cfg.probe_lists}{'_vision' if cfg.probe_vision else ''}_{split}.json"
-    atomic_write_text(Path(cfg.run_dir) / name, json.dumps(out, indent=2))
-    if verbose:
-        print(f"[probe] cross-encoder on {cfg.probe_lists} lists, {split} R@1 by step (chance {out['chance']:.3f}, "
-              f"phi's rank 1 on the same lists {out['phi_R@1']:.3f}): "
-              + ", ".join(f"{c['step']}: {c['avg']:.3f}" for c in curve)
-              + f"; train loss {out['final_train_loss']:.3f} (ln K = {math.log(cfg.K):.3f}), train acc "
-              f"{out['final_train_acc']:.2f} (last {n} steps)")
-        print("[probe] per task at the end: " + ", ".join(f"{t} {v:.2f}" for t, v in sorted(curve[-1]["tasks"].items())))
-    return out
+            + f"{f(d['match_on_positive'])}, a negative {f(d['match_on_negative'])}"
+            + "\nanswers by phi rank: " + " ".join(f"{k}:{v:.2f}" for k, v in d["pick_share"].items()))
 
 
 def peak_mem_mb(dev: torch.device) -> float:
@@ -3946,17 +3138,16 @@ def furthest_stage(cfg: Config) -> str:
 
 def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, verbose: bool = True,
              write: bool = True) -> dict:
-    """Evaluate a run on a split; writes <run_dir>/eval_<split>.json (schema in DESIGN.md section 9) and,
-    for theta's stages, every trace to <run_dir>/traces_<stage>_<split>.jsonl.
-    stage: coarse (phi alone) | sft | grpo (phi's top-K reranked by theta after that stage) | probe (a
-    cross-encoder trained on the warmed-up backbone; see cross_encoder_probe, which it returns)."""
+    """Evaluate a run on a split; writes <run_dir>/eval_<split>.json and, for theta's stages, every
+    trace to <run_dir>/traces_<stage>_<split>.jsonl.
+    stage: coarse (phi alone) | icm | sft | grpo (phi's top-K reranked by theta after that stage).
+    eval_<split>.json: {stage, split, K, tasks: {task: {R@k}}, avg: {R@k}, efficiency: {context tokens,
+    inspections, rerank ms, format-valid rate, peak memory}, controls (coarse) | diagnosis (theta)}."""
     split = split or cfg.split
     stage = stage or cfg.stage or furthest_stage(cfg)
-    if stage == "probe":  # a diagnostic of the backbone, not a stage of the pipeline
-        return cross_encoder_probe(cfg, split, verbose)
     if stage not in ("coarse", "sft", "grpo", "icm"):
-        raise RetrvError(f"--stage must be coarse, icm, sft, grpo or probe (got {stage!r})")
-    dev, dt = enter_stage(cfg, verbose)
+        raise RetrvError(f"--stage must be coarse, icm, sft or grpo (got {stage!r})")
+    dev, dt = pick_device(cfg, verbose)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     ks = sorted({1, 5, 10, cfg.K})
@@ -3972,7 +3163,7 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
         with autocast(dev, dt):
             res = rerank(cfg, theta, emb, items, verbose=verbose)
         pos_rows = {}
-        for ts in load_split(cfg.data_root, split, parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None):
+        for ts in load_tasks(cfg, split):
             for i in range(len(ts)):
                 pos_rows[ts.queries[i]["qid"]] = ts.pos[i]
         rec = summarize_rerank(cfg, res, pos_rows)
@@ -3985,9 +3176,6 @@ def evaluate(cfg: Config, split: str | None = None, stage: str | None = None, ve
         out["controls"] = rec["controls"]
     if stage != "coarse" and any(it.target is not None for it in items):
         out["diagnosis"] = trace_diagnostics(items, res)
-        if cfg.relation_format == "aligned" and not theta.bb.pretrained:  # what theta kept of the warm-up's check
-            wc = match_accuracy(theta.bb, rel_format="aligned", structure=cfg.neg_structure)
-            out["diagnosis"]["warmup_check"] = {k: None if v != v else v for k, v in wc.items()}  # NaN is not JSON
     if write:
         atomic_write_text(Path(cfg.run_dir) / f"eval_{split}.json", json.dumps(out, indent=2))
         if stage != "coarse":  # every trace theta wrote, for reading and for offline diagnostics
@@ -4020,7 +3208,7 @@ def demo(cfg: Config, verbose: bool = True) -> dict:
     stage = cfg.stage or furthest_stage(cfg)
     if stage == "coarse":
         raise RetrvError(f"{cfg.run_dir} has no trained theta (sft/grpo); run `train` first")
-    dev, dt = enter_stage(cfg, verbose)
+    dev, dt = pick_device(cfg, verbose)
     items = rerank_items(cfg, cfg.split, verbose=False)
     it = next((x for x in items if x.qid == cfg.qid), None) if cfg.qid else items[0]
     if it is None:
@@ -4239,29 +3427,20 @@ def icm_cost(theta: Reasoner, emb: Embedder, items_for, dev, dt, Ks=(4, 8, 16, 3
 
 
 def bench(cfg: Config, verbose: bool = True) -> dict:
-    """Speed and memory figures (DESIGN.md section 9); writes <run_dir>/bench.json and bench.md.
-
-    Uses the run's furthest theta (or an untrained tiny one if none: speed does not depend on
-    training). Every figure is a median over repeats after one warm-up call."""
-    parts = {x.strip() for x in cfg.bench_parts.split(",") if x.strip()}
-    if not parts or parts - {"sampler", "icm", "steps"}:
-        raise RetrvError(f"--bench-parts must be a comma list of sampler, icm, steps (got {cfg.bench_parts!r})")
-    try:
-        Ks = tuple(int(k) for k in cfg.bench_ks.split(",") if k.strip())
-    except ValueError:
-        Ks = ()
-    if not Ks or min(Ks) < 1:
-        raise RetrvError(f"--bench-ks must be a comma list of positive rerank depths, e.g. 4,8,16,32 (got {cfg.bench_ks!r})")
-    dev, dt = enter_stage(cfg, verbose)
+    """Speed and memory: (1) sampler throughput vs transformers.generate and a cache-less loop, (2) ICM vs
+    full tokens as the rerank depth K grows, (3) SFT / GRPO step times and peak memory. Writes
+    <run_dir>/bench.json and bench.md. Uses the run's furthest theta (or an untrained tiny one if
+    none: speed does not depend on training). Every figure is a median over repeats after a warm-up call."""
+    dev, dt = pick_device(cfg, verbose)
     stage = next((s for s in ("grpo", "sft", "icm") if stage_done(cfg, s)), None)
     if stage:
         theta = load_reasoner(cfg, stage, dev)
     else:
-        theta = Reasoner(new_tiny_backbone(cfg), cfg).to(dev)
+        theta = Reasoner(new_tiny_backbone() if cfg.backbone == "tiny" else load_backbone(cfg.backbone), cfg).to(dev)
     theta.eval()
     ensure_world(cfg, verbose=False)
     emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
-    splits = load_split(cfg.data_root, "val", parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None)
+    splits = load_tasks(cfg, "val")
     rng = random.Random(cfg.seed)
     pool = [(ts, i) for ts in splits for i in range(len(ts))]
 
@@ -4276,23 +3455,10 @@ def bench(cfg: Config, verbose: bool = True) -> dict:
                            "theta_stage": stage or "untrained", "preset": cfg.preset,
                            "backbone": f"LM {theta.bb.model.config.text_config.num_hidden_layers} layers x {theta.bb.D}, "
                                        f"{sum(p.numel() for p in theta.bb.text.parameters()) / 1e6:.1f}M params"}
-    if "sampler" in parts:  # 1. sampler throughput (bench_sampler)
-        res.update(bench_sampler(cfg, theta, emb, items_for, dev, dt))
+    res.update(bench_sampler(cfg, theta, emb, items_for, dev, dt))  # 1. sampler throughput
     # 2. rerank latency and context tokens, ICM vs full tokens, as K grows (at --rerank-batch queries)
-    if "icm" in parts:
-        res.update(icm_cost(theta, emb, items_for, dev, dt, Ks=Ks, n_queries=cfg.rerank_batch))
-    if "steps" in parts:  # 3. SFT / GRPO step times and peak memory (bench_steps)
-        res.update(bench_steps(cfg, theta, emb, items_for, dev, dt))
-    # 4. wall time of `train --preset smoke` in a fresh run directory (a subprocess, like a user)
-    if cfg.bench_smoke:
-        with tempfile_dir() as d:
-            t0 = time.time()
-            rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "train", "--preset", "smoke",
-                                 "--run-dir", str(Path(d) / "run"), "--device", cfg.device],
-                                capture_output=True, text=True)
-            res["smoke_train_s"] = time.time() - t0 if rc.returncode == 0 else None
-    else:
-        res["smoke_train_s"] = None
+    res.update(icm_cost(theta, emb, items_for, dev, dt, n_queries=cfg.rerank_batch))
+    res.update(bench_steps(cfg, theta, emb, items_for, dev, dt))  # 3. SFT / GRPO step times, peak memory
     atomic_write_text(Path(cfg.run_dir) / "bench.json", json.dumps(res, indent=2))
     atomic_write_text(Path(cfg.run_dir) / "bench.md", format_bench(res) + "\n")
     if verbose:
@@ -4372,26 +3538,16 @@ def bench_steps(cfg: Config, theta: Reasoner, emb: Embedder, items_for, dev, dt)
     return res
 
 
-def tempfile_dir():
-    import tempfile
-
-    return tempfile.TemporaryDirectory(prefix="retrv_r1_bench_")
-
-
 def format_bench(r: dict) -> str:
-    """The bench figures as text; parts that were not measured are left out."""
-    lines = [f"device: {r['device']}   theta: {r['theta_stage']}   {r.get('backbone', '')}"]
-    if "sampler_tok_s" in r:
-        lines.append(f"sampler {r['sampler_tok_s']:.0f} tok/s | transformers.generate {r['generate_tok_s']:.0f} tok/s | "
-                     f"naive (no cache) {r['naive_tok_s']:.0f} tok/s  ->  {r['sampler_vs_generate']:.2f}x generate, "
-                     f"{r['sampler_vs_naive']:.2f}x naive")
-    if "icm_speedup" in r:
-        lines.append(format_icm_cost(r))
-    if "sft_step_s" in r:
-        lines.append(f"SFT step {r['sft_step_s']:.2f} s | GRPO rollout {r['grpo_rollout_s']:.2f} s, update "
-                     f"{r['grpo_update_s']:.2f} s | peak memory {r['peak_mem_mb']:.0f} MB")
-    lines.append("train --preset smoke " + (f"{r['smoke_train_s']:.0f} s" if r.get("smoke_train_s") else "not measured"))
-    return "\n".join(lines)
+    """The bench figures as text."""
+    return "\n".join([
+        f"device: {r['device']}   theta: {r['theta_stage']}   {r['backbone']}",
+        f"sampler {r['sampler_tok_s']:.0f} tok/s | transformers.generate {r['generate_tok_s']:.0f} tok/s | "
+        f"naive (no cache) {r['naive_tok_s']:.0f} tok/s  ->  {r['sampler_vs_generate']:.2f}x generate, "
+        f"{r['sampler_vs_naive']:.2f}x naive",
+        format_icm_cost(r),
+        f"SFT step {r['sft_step_s']:.2f} s | GRPO rollout {r['grpo_rollout_s']:.2f} s, update "
+        f"{r['grpo_update_s']:.2f} s | peak memory {r['peak_mem_mb']:.0f} MB"])
 
 
 def format_icm_cost(r: dict) -> str:
