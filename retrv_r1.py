@@ -232,24 +232,22 @@ def build_argparser() -> argparse.ArgumentParser:
     """One sub-command per COMMANDS entry, each taking one flag per Config field (--warmup-steps 50;
     bools get --x / --no-x), grouped by the section that uses them. Nothing hand-written per flag."""
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("run")
+    titles = {"preset": "run", "world": "the synthetic world (section 3)", "backbone": "backbone (section 4)",
+              "warmup_steps": "stage 0: warm-up (section 9)", "ret_steps": "coarse retriever phi (section 5)",
+              "icm_mode": "ICM (section 6)", "align_steps": "stage 1: ICM self-alignment (section 10)",
+              "sft_steps": "stage 2: CoT + SFT (section 11)", "grpo_steps": "stage 3: GRPO (section 12)",
+              "K": "reranking and evaluation (section 13)"}
     for f in fields(Config):
-        if f.name == "world":
-            group = common.add_argument_group("the synthetic world (section 3)")
-        elif f.name in ("backbone", "warmup_steps", "ret_steps", "icm_mode", "align_steps", "sft_steps",
-                        "grpo_steps", "K"):
-            group = common.add_argument_group({"backbone": "backbone (section 4)", "warmup_steps": "stage 0: warm-up",
-                                               "ret_steps": "coarse retriever phi", "icm_mode": "ICM",
-                                               "align_steps": "stage 1: ICM self-alignment",
-                                               "sft_steps": "stage 2: CoT + SFT", "grpo_steps": "stage 3: GRPO",
-                                               "K": "reranking and evaluation"}[f.name])
+        if f.name in titles:  # the first field of each block of Config opens a group of flags
+            group = common.add_argument_group(titles[f.name])
         flag, t, h = "--" + f.name.replace("_", "-"), _field_type(f), f.metadata["help"]
         if t is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{h} (default {f.default})")
         else:
             group.add_argument(flag, type=t, default=None, metavar=t.__name__.upper(), help=f"{h} (default {f.default!r})")
-    p = argparse.ArgumentParser(prog="retrv_r1.py", description="Retrv-R1 in one file. Presets fill the defaults; "
-                                "every command but `data` starts from the run's own config.json.")
+    p = argparse.ArgumentParser(prog="retrv_r1.py", description="Retrv-R1 in one file. The defaults shown are the tiny "
+                                "preset's (--preset smoke and smolvlm change some); every command but `data` starts "
+                                "from the run's own config.json, and the flags given override it.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, h in COMMANDS.items():
         sub.add_parser(name, parents=[common], help=h, description=h)
@@ -1226,10 +1224,11 @@ TINY = dict(vision_hidden=128, vision_layers=2, patch_size=8, scale_factor=2,
             text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_mlp=512)
 
 
-def tiny_idefics3_config(tok):
+def tiny_idefics3_config(tok, **shape):
+    """The Idefics3 config of the tiny backbone; shape overrides TINY's entries (tests use fewer layers)."""
     from transformers import Idefics3Config
 
-    t = TINY
+    t = {**TINY, **shape}
     return Idefics3Config(
         vision_config=dict(hidden_size=t["vision_hidden"], intermediate_size=t["vision_hidden"] * 2,
                            num_hidden_layers=t["vision_layers"], num_attention_heads=4,
@@ -1308,11 +1307,11 @@ class Backbone(nn.Module):
                                                               pretrained=self.pretrained)))
 
 
-def new_tiny_backbone() -> Backbone:
+def new_tiny_backbone(**shape) -> Backbone:
     from transformers import Idefics3ForConditionalGeneration
 
     tok = build_tiny_tokenizer()
-    model = Idefics3ForConditionalGeneration(tiny_idefics3_config(tok))
+    model = Idefics3ForConditionalGeneration(tiny_idefics3_config(tok, **shape))
     return Backbone(model, tok, [0.5] * 3, [0.5] * 3, pretrained=False)
 
 
@@ -1370,11 +1369,11 @@ class Embedder:
     """Items (a query or a candidate: text and/or image) -> the token embeddings the LM reads.
 
     T_x = [visual tokens of the image] + [word embeddings of the text]   (L_x, D)
-    (text first when tokens(..., text_first=True): phi's --ret-order text_image)"""
+    (text first with text_first=True: how phi reads an item that has both)"""
 
     def __init__(self, bb: Backbone, cache: ImageCache, max_txt: int = 64, frozen_vision: bool = False):
         self.bb, self.cache, self.max_txt = bb, cache, max_txt
-        # with the vision side frozen (phi by default, stages 1-3, the probe) an image's tokens never change: compute once
+        # with the vision side frozen (phi and stages 1-3) an image's tokens never change: compute them once
         self.vis_cache: dict | None = {} if frozen_vision else None
 
     def visual(self, items: list[dict]) -> torch.Tensor:
@@ -1430,7 +1429,7 @@ def pad_stack(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """List of (L_i, D) -> (N, L_max, D) right-padded with zeros, and the mask (N, L_max)."""
     # stack of padded rows, not `out[i, :L_i] = s` into a zeros tensor (nor pad_sequence, which does
     # that inside): the backward of N slice assignments copies the whole (N, L_max, D) gradient N
-    # times -- it was 40% of a retriever step. F.pad's backward is one narrow per row.
+    # times, a large share of a retriever step. F.pad's backward is one narrow per row.
     L = max(s.shape[0] for s in seqs)
     out = torch.stack([F.pad(s, (0, 0, 0, L - s.shape[0])) for s in seqs])  # (N, L_max, D)
     mask = torch.zeros(len(seqs), L, dtype=torch.long, device=seqs[0].device)
