@@ -339,9 +339,7 @@ def test_length_buckets_give_the_same_loss_and_embeddings_with_less_padding(smal
 @slow
 def test_phi_trains_the_lm_with_the_vision_side_frozen(world, tmp_path):
     """phi's InfoNCE leaves the vision encoder and connector as the warm-up made them and trains the LM."""
-    _, root = world
-    cfg = R.make_config("smoke", data_root=str(root), run_dir=str(tmp_path / "run"), ret_steps=3, ret_batch=4,
-                        warmup_steps=2, warmup_batch=4, ckpt_every=0, stages="warmup,retriever")
+    cfg = _resume_cfg(world, tmp_path / "run", warmup_steps=2, ret_steps=3, ckpt_every=0)
     R.train(cfg, verbose=False)
     base, ret = R.base_backbone(cfg), R.load_retriever(cfg)
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
