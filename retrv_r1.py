@@ -2476,10 +2476,9 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
     for p in theta.bb.parameters():  # frozen: LM, vision encoder, connector, embeddings
         p.requires_grad_(False)
     emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
-    tasks = parse_tasks(cfg.tasks) if _is_synthetic(cfg) else None
     rng = random.Random(cfg.seed + 21)
     n_pairs = max(cfg.align_batch * 8, min(4000, cfg.align_steps * cfg.align_batch // 4))
-    pairs = align_pairs(load_split(cfg.data_root, "train", tasks), rng, n_pairs)
+    pairs = align_pairs(load_tasks(cfg, "train"), rng, n_pairs)
     theta.eval()
     con_t, rel_t = [], []
     for i in tqdm(range(0, len(pairs), 128), desc="self-alignment targets (frozen LM, full tokens)",
@@ -2514,7 +2513,7 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
             log.log(step=step, loss=loss.item(), token_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
         ck.step_done(step)
     theta.icm.eval()
-    val_pairs = align_pairs(load_split(cfg.data_root, "val", tasks), random.Random(cfg.seed + 22), 256)
+    val_pairs = align_pairs(load_tasks(cfg, "val"), random.Random(cfg.seed + 22), 256)
     with autocast(dev, dt):
         val = description_accuracy(theta, emb, val_pairs)
     with atomic_dir(Path(cfg.run_dir) / "icm") as tmp:
