@@ -98,11 +98,11 @@ def test_a_runs_config_json_that_is_old_or_bad_gets_a_clear_answer(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     f = run / "config.json"
-    f.write_text(json.dumps({"world": "tinycube", "neg_structure": "cube", "retired_field": 3}))  # older version
+    f.write_text(json.dumps({"world": "tinycube", "icm_mode": "con", "retired_field": 3}))  # older version
     _, cfg = R.config_from_args(["eval", "--run-dir", str(run)], verbose=False)
-    assert cfg.neg_structure == "cube" and cfg.data_root == "data/synthetic-tinycube"
-    with pytest.raises(R.RetrvError, match="--neg-structure must be one of"):
-        R.make_config("smoke", neg_structure="ring")
+    assert cfg.icm_mode == "con" and cfg.data_root == "data/synthetic-tinycube"
+    with pytest.raises(R.RetrvError, match="--icm-mode must be one of"):
+        R.make_config("smoke", icm_mode="ring")
     f.write_text(json.dumps({"max_new": "lots"}))
     with pytest.raises(R.RetrvError, match=r"config\.json: field 'max_new' should be int"):
         R.config_from_args(["eval", "--run-dir", str(run)], verbose=False)
@@ -133,34 +133,11 @@ def test_world_is_deterministic(world, tmp_path):
     assert any(f.suffix == ".png" for f in files)
 
 
-def test_hard_negatives_differ_by_one_change():
-    rng = random.Random(0)
-    for task in (0, 3, 4, 7):
-        for _ in range(20):
-            g = R.make_group(task, rng, 15)
-            target = g["query"]["target"]
-            assert R.describe_relation(target, g["pos"]["scene"]) == "match ."
-            assert len({R.canon(n["scene"]) for n in g["negs"]}) == 15
-            for n in g["negs"]:
-                rel = R.describe_relation(target, n["scene"])
-                assert rel.startswith("differs") and "many changes" not in rel, rel
-
-
-def test_edit_source_is_a_hard_negative():
-    g = R.make_group(7, random.Random(3), 15)
-    assert R.canon(g["query"]["scene"]) in {R.canon(n["scene"]) for n in g["negs"]}
-
-
-def _n_changes(a, b) -> int:
-    """Attribute changes between two scenes of the same objects (objects matched by base order)."""
-    return sum(x != y for oa, ob in zip(a, b) for x, y in zip(oa, ob))
-
-
-def test_cube_world_has_no_hub_and_its_edit_is_one_change():
+def test_the_cube_world_has_no_hub_and_its_edit_is_one_change():
     rng = random.Random(0)
     for task in (0, 3, 4, 7):
         for _ in range(10):
-            g = R.make_group(task, rng, 15, "cube")
+            g = R.make_group(task, rng, 15)
             target = g["query"]["target"]
             scenes = [g["pos"]["scene"]] + [n["scene"] for n in g["negs"]]
             assert R.describe_relation(target, scenes[0]) == "match ."
@@ -174,12 +151,6 @@ def test_cube_world_has_no_hub_and_its_edit_is_one_change():
                 assert R.canon(src) in {R.canon(n["scene"]) for n in g["negs"]} and one(target, src)
                 words = g["query"]["txt"].split()
                 assert words[0] in ("make", "turn", "move") and words[2] in {o[0] for o in src}
-    # the star world: the target is one change from all 15, each negative from fewer
-    g = R.make_group(0, random.Random(1), 15)
-    scenes = [g["pos"]["scene"]] + [n["scene"] for n in g["negs"]]
-    one = lambda a, b: (r := R.describe_relation(a, b)).startswith("differs") and "many" not in r
-    degree = [sum(one(a, b) for b in scenes if b is not a) for a in scenes]
-    assert degree[0] == 15 and max(degree[1:]) < 15
 
 
 def test_consensus_pick_is_the_candidate_closest_to_the_others():
@@ -246,9 +217,9 @@ def test_load_a_saved_idefics3_through_the_pretrained_path(tmp_path):
     d = tmp_path / "ckpt"
     model.save_pretrained(d)
     foreign.save_pretrained(d)
-    ip = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 64},
-                                max_image_size={"longest_edge": 64})
-    Idefics3Processor(image_processor=ip, tokenizer=foreign, image_seq_len=16).save_pretrained(d)
+    ip = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": R.IMAGE_SIZE},
+                                max_image_size={"longest_edge": R.IMAGE_SIZE})
+    Idefics3Processor(image_processor=ip, tokenizer=foreign, image_seq_len=9).save_pretrained(d)
     bb = R.load_backbone(str(d))
     assert bb.pretrained
     assert len(bb.tok) >= len(vocab) + len(R.SPECIAL_TOKENS)
@@ -256,7 +227,7 @@ def test_load_a_saved_idefics3_through_the_pretrained_path(tmp_path):
     for s in R.SPECIAL_TOKENS:
         assert bb.tid(s) not in (None, bb.tok.unk_token_id)
     vis = bb.embed_image(torch.randint(0, 255, (2, 3, 40, 50), dtype=torch.uint8))
-    assert vis.shape == (2, 16, R.TINY["text_hidden"])
+    assert vis.shape == (2, 9, R.TINY["text_hidden"])  # one visual token per cell
 
 
 def test_corrupt_backbone_is_a_clear_error(tmp_path):
@@ -272,7 +243,9 @@ def test_icm_shapes_and_token_counts(small):
     cfg, theta, emb, prompts = small
     full_ctx = sum(f.shape[0] for f in prompts[0].full)
     # prompt = instruction + query + "candidates :" + K * (index word + 2 ICM tokens) + <think>
-    assert prompts[0].embeds.shape[0] < full_ctx
+    q_len = emb.tokens([R.query_item(R.load_split(cfg.data_root, "val")[0], 0)])[0].shape[1]
+    assert prompts[0].embeds.shape[0] == len(theta.bb.ids(R.INSTRUCTION)) + q_len + 2 + 3 * prompts[0].K + 1
+    assert 2 * prompts[0].K < full_ctx
     T = torch.randn(3, 5, theta.bb.D)
     z = theta.icm(T, torch.ones(3, 5), torch.randn(3, 7, theta.bb.D), torch.ones(3, 7))
     assert z["t_con"].shape == (3, theta.bb.D) and z["t_rel"].shape == (3, theta.bb.D)
@@ -453,6 +426,45 @@ def test_cached_decoding_with_splice_matches_full_forward(small):
         assert torch.allclose(step_logits[t][b], logits[0, pred_pos[t]].float(), atol=1e-4), t
 
 
+def test_the_verifier_writes_thetas_verdict_into_the_splice(small):
+    """With tau_v set, after <insp_s> k <insp_e> the sampler splices <full> T_k </full> and then
+    "match ." or "differs .": match iff min_t log p(ideal_t | T_k, "caption :") >= tau_v, where the
+    ideal is what the trace wrote after "ideal :". The scorer rebuilds the same context."""
+    cfg, theta, emb, prompts = small
+    bb = theta.bb
+    ideal = "a large red circle top-left , a small blue star center ."
+    assert R.trace_ideal(bb, bb.ids(f"ideal : {ideal} eliminate : none .")) == bb.ids(ideal)
+    assert R.trace_ideal(bb, bb.ids("keep : 1 .")) is None
+    with_ideal = bb.ids(f"ideal : {ideal} keep : 1 2 . <insp_s> 1 <insp_e> <insp_s> 2 <insp_e> </think> <answer> 1 </answer>")
+    without = bb.ids("keep : 1 2 . <insp_s> 2 <insp_e> </think> <answer> 2 </answer>")
+    lp, m = R.ideal_logprobs(bb, [prompts[0].full[0], prompts[0].full[1]], [bb.ids(ideal)] * 2)
+    assert m.sum(-1).tolist() == [len(bb.ids(ideal)) + 1] * 2  # every ideal word and <eos>
+    sc = R.verdict_score(lp, m)
+    assert torch.allclose(sc, torch.where(m > 0, lp, torch.inf).min(-1).values)
+    try:
+        for tau in (float(sc.min()), float(sc.max()) + 1e-3):
+            theta.verdict_threshold = tau
+            outs = R.sample(theta, prompts[:2], max_new=64, forced=[with_ideal, without])
+            want = ["match" if float(x) >= tau else "differs" for x in sc]
+            assert outs[0].verdicts == want and outs[1].verdicts == ["differs"]  # no ideal: "differs"
+            assert f"<insp_s> 1 <insp_e> {want[0]} . <insp_s> 2 <insp_e> {want[1]} ." in outs[0].text
+            logp, mask = R.score(theta, prompts[:2], outs)
+            for b, o in enumerate(outs):
+                assert mask[b].sum().item() == len(o.ids)
+                assert torch.allclose(logp[b, : len(o.ids)], torch.tensor(o.logp), atol=1e-4)
+    finally:
+        theta.verdict_threshold = None
+
+
+def test_choose_threshold_splits_scores_by_balanced_accuracy():
+    s = torch.tensor([-9.0, -8.0, -1.0, -0.5, -0.2, -7.0])
+    pos = torch.tensor([False, False, True, True, True, False])
+    r = R.choose_threshold(s, pos)
+    assert -7.0 < r["threshold"] < -1.0 and r["on_match"] == r["on_differs"] == 1.0
+    r = R.choose_threshold(torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([True, False, True, False]))
+    assert r["on_match"] + r["on_differs"] == pytest.approx(1.5)
+
+
 def test_malformed_inspections_are_recorded_not_raised(small):
     cfg, theta, emb, prompts = small
     bb = theta.bb
@@ -614,11 +626,15 @@ def test_cot_trace_phases_and_inspection_budget():
     assert text.startswith("<think> ideal :") and text.endswith("<answer> 8 </answer>")
     assert R.format_reward(text, 8) == 1.0
     assert inspected == [] or inspected[-1] == 8
-    # candidates with a color / size change are eliminated without inspection
-    for k, s in enumerate(scenes, 1):
-        kind = R.relation_kind(R.describe_relation(target, s))
-        if kind in R.CLEAR_KINDS:
-            assert k not in inspected
+    # candidates whose colours or sizes differ are eliminated without inspection, the rest kept
+    elim = [k for k, s in enumerate(scenes, 1) if R.visible_change(target, s)]
+    assert all(f"{k} {R.visible_change(target, scenes[k - 1])}" in text for k in elim)
+    assert not set(elim) & set(inspected) and R.visible_change(target, target) is None
+    keep = text.split("keep :")[1].split(".")[0].split()
+    assert sorted(map(int, keep)) == [k for k in range(1, 9) if k not in elim]
+    # phase 3: a verdict after every inspection, "match ." only after the positive's
+    for k in inspected:
+        assert f"<insp_s> {k} <insp_e> " + ("match ." if k == 8 else "differs .") in text
     # positive missing from the top-K: no correct trace exists
     assert R.cot_trace(target, scenes[:7], [8]) is None
     # a single plausible candidate: answer without inspection
@@ -626,89 +642,15 @@ def test_cot_trace_phases_and_inspection_budget():
     assert ins1 == [] and "<insp_s>" not in t1
 
 
-def test_warmup_copy_sequences_are_words_only_copies_of_a_text_query(small):
-    """--warmup-copy-steps: a copy sequence is a task-0 text query (its target's caption), then "ideal :"
-    and the same caption, labelled; a copy batch holds no image and labels only the copy."""
-    cfg, theta, emb, _ = small
-    bb = theta.bb
-    for seed in range(8):
-        segs, imgs = R.warmup_example(bb, random.Random(seed), "copy", 64)
-        assert imgs == [] and all(s[0] == "ids" for s in segs)
-        (q, _), (ideal, _), (copy, lab) = [(s[1], s[2]) for s in segs]
-        assert ideal == bb.ids("ideal :") and lab and copy == q + [bb.tid("<eos>")]
-        assert not segs[0][2] and not segs[1][2]
-    rows, vis, scenes = R.warmup_sequences(bb, random.Random(0), 6, 0.5, kind="copy")
-    _, _, labels = R.lm_batch(bb, rows)
-    assert vis is None and scenes == []
-    n_lab = (labels != -100).sum(1)
-    assert all(n == len(bb.ids(R.caption(s))) + 1 for n, s in zip(n_lab.tolist(), [
-        R.make_group(0, r, 3)["query"]["target"] for r in [random.Random(0)] for _ in range(6)]))
-    with pytest.raises(R.RetrvError, match="--warmup-copy-steps must be between 0 and --warmup-steps 60"):
-        R.make_config("smoke", warmup_copy_steps=61)
-
-
-def test_warmup_match_frac_sets_the_share_of_matching_relations_and_match_accuracy_reads_the_first_word(small):
-    cfg, theta, emb, _ = small
-    bb = theta.bb
-    first = lambda segs: [s for s in segs if s[0] == "ids" and s[2]][0][1][0]
-    for frac, lo, hi in ((0.0, 0.15, 0.35), (0.5, 0.4, 0.6), (1.0, 1.0, 1.0)):
-        rng = random.Random(11)
-        words = [first(R.warmup_example(bb, rng, "relation", 64, frac)[0]) for _ in range(300)]
-        assert set(words) <= {bb.tid("match"), bb.tid("differs")}
-        assert lo <= words.count(bb.tid("match")) / 300 <= hi
-    # the default (frac 0) draws exactly the stream it always drew: one choice over [pos] + negs
-    a, b = random.Random(4), random.Random(4)
-    R.warmup_example(bb, a, "relation", 64)
-    R.warmup_example(bb, b, "relation", 64, 0.0)
-    assert a.random() == b.random()
-    m = R.match_accuracy(bb, n=32, seed=1)
-    assert set(m) == {"on_match", "on_differs", "balanced"}
-    assert 0.0 <= m["on_match"] <= 1.0 and 0.0 <= m["on_differs"] <= 1.0
-    assert m["balanced"] == pytest.approx((m["on_match"] + m["on_differs"]) / 2)
-
-
-def test_warmup_relations_come_from_the_worlds_neg_structure(small):
-    """A cube world's warm-up must see its multi-change negatives ('differs : many changes .'), which the
-    star world's never has (and the star world's swaps, which the cube never makes)."""
-    cfg, theta, emb, _ = small
-    bb = theta.bb
-    text = lambda segs: bb.tok.decode([t for s in segs if s[0] == "ids" and s[2] for t in s[1]])
-    kinds = {}
-    for structure in ("star", "cube"):
-        rng = random.Random(5)
-        rels = [text(R.warmup_example(bb, rng, "relation", 64, structure=structure)[0]) for _ in range(200)]
-        kinds[structure] = {R.relation_kind(r) for r in rels}
-    assert "many" in kinds["cube"] and "swapped" not in kinds["cube"]
-    assert "many" not in kinds["star"] and "swapped" in kinds["star"]
-
-
-def test_check_sequences_are_words_only_and_end_in_the_relation(small):
-    cfg, theta, emb, _ = small
-    bb = theta.bb
-    for seed in range(6):
-        segs, imgs = R.warmup_example(bb, random.Random(seed), "check", 64)
-        assert imgs == [] and all(s[0] == "ids" for s in segs)
-        assert [s[2] for s in segs] == [False] * 5 + [True]
-        texts = [bb.tok.decode(s[1]) for s in segs]
-        assert texts[0] == "ideal :" and texts[2] == "candidate :" and texts[4] == "relation :"
-        assert texts[5].startswith(("match .", "differs :")) and texts[5].endswith("<eos>")
-    rows, vis, scenes = R.warmup_sequences(bb, random.Random(1), 4, 0.5, check_frac=1.0)
-    assert vis is None and scenes == [] and len(rows) == 4  # a batch of words only
-    mix = [R.warmup_kind(random.Random(i), 0.5, 0.25) for i in range(400)]
-    assert 0.15 < mix.count("check") / 400 < 0.35 and "caption" in mix and "relation" in mix
-    a, b = random.Random(3), random.Random(3)  # no check share: the draw is the plain relation / caption coin
-    assert [R.warmup_kind(a, 0.5) for _ in range(200)] == [("relation" if b.random() < 0.5 else "caption") for _ in range(200)]
-
-
 def test_attribute_probe_targets_and_loss():
     scene = [("circle", "red", "large", 0), ("star", "blue", "small", 4)]
-    probe = R.AttributeProbe(n_img=4, D=8)
+    probe = R.AttributeProbe(D=8)
     t = probe.targets([scene], "cpu")
     assert t.shape == (1, 9, 3)
     assert t[0, 0].tolist() == [R.SHAPES.index("circle") + 1, R.COLORS.index("red") + 1, R.SIZES.index("large") + 1]
     assert t[0, 4].tolist() == [R.SHAPES.index("star") + 1, R.COLORS.index("blue") + 1, R.SIZES.index("small") + 1]
     assert t[0, [1, 2, 3, 5, 6, 7, 8]].abs().sum() == 0  # empty cells are class 0
-    vis = torch.randn(2, 4, 8, requires_grad=True)
+    vis = torch.randn(2, 9, 8, requires_grad=True)  # one token per cell
     loss, shape_acc = probe.loss(vis, [scene, scene])
     loss.backward()
     assert torch.isfinite(loss) and vis.grad.abs().sum() > 0 and 0.0 <= shape_acc <= 1.0
@@ -742,12 +684,21 @@ def test_sft_loss_counts_generated_tokens_only(small):
     cfg, theta, emb, prompts = small
     bb = theta.bb
     text = "<think> ideal : a red circle . <insp_s> 2 <insp_e> match . </think> <answer> 2 </answer>"
-    roll = R.trace_rollout(bb, text)
-    assert roll.splices == [(roll.ids.index(bb.tid("<insp_e>")), 2)]
+    roll = R.trace_rollout(bb, text, verdicts=False)  # no verifier: theta writes "match ." itself
+    assert roll.splices == [(roll.ids.index(bb.tid("<insp_e>")), 2)] and roll.verdicts == []
     logp, mask = R.score(theta, prompts[:1], [roll])
     # every generated token is scored, nothing else: not the prompt, not the spliced <full> T_c </full>
     assert mask.sum().item() == len(roll.ids) == len(bb.ids(text)) - 1
     assert bb.tid("<full>") not in roll.ids
+    # with the verifier the verdict is the system's: it moves into the splice and is never scored
+    roll = R.trace_rollout(bb, text)
+    assert roll.verdicts == ["match"] and len(roll.ids) == len(bb.ids(text)) - 3
+    assert R.rollout_text(bb, roll) == R.rollout_text(bb, R.trace_rollout(bb, text, verdicts=False)) == text
+    logp2, mask2 = R.score(theta, prompts[:1], [roll])
+    assert mask2.sum().item() == len(roll.ids)
+    # the splice with its verdict is what the sampler feeds: same log-probs as a forced sample
+    forced = R.sample(theta, prompts[:1], max_new=len(roll.ids), forced=[roll.ids], greedy=True)[0]
+    assert forced.verdicts == []  # (no threshold: this theta has no verifier)
 
 
 # ================================================================ the bad-input matrix (data)
