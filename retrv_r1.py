@@ -1047,7 +1047,7 @@ def load_image(root: Path, rel: str, where: str, size: int) -> torch.Tensor:
 
 
 class ImageCache:
-    """uint8 image tensors keyed by path (a 64x64 image is 12 KB, so a pool fits easily)."""
+    """uint8 image tensors keyed by path (a 48x48 image is 7 KB, so a pool fits easily)."""
 
     def __init__(self, size: int):
         self.size, self.store = size, {}
@@ -1368,7 +1368,7 @@ BUCKETS = 4  # warm-up and phi batches run in 4 length buckets (length_buckets)
 
 def length_buckets(lengths: list[int], n: int) -> list[list[int]]:
     """Indices cut into n groups of consecutive lengths (sorted; sizes as equal as they come): padded per
-    group, a batch of 16-token images and 8-token captions wastes little on padding. n = 1: one group in
+    group, a batch of 9-token images and 25-token captions wastes little on padding. n = 1: one group in
     the original order (the plain padded batch). Right padding is masked, so the result is the same up
     to float rounding; on 2 CPU cores the matrix products are the whole cost, so what padding saves is time."""
     if n <= 1 or len(lengths) <= 1:
@@ -1445,7 +1445,7 @@ def bucketed_lm_loss(bb: Backbone, rows: list[list[tuple]], buckets: int) -> tup
 # in the batch. Why mean pooling and not a final [EMB] token: the LM is causal, and with 20-70
 # tokens an average is a stronger start than one position it was never trained to summarise in.
 # An item with both an image and words (a composed query: image + edit) is read text first: under
-# causal attention its 16 visual tokens -- most of the mean -- then attend to the edit; image first,
+# causal attention its 9 visual tokens -- most of the mean -- then attend to the edit; image first,
 # they would never see it and the query would embed as its source image, one of its hard negatives.
 # The vision encoder and connector are frozen here: InfoNCE shapes the LM's reading of the visual
 # tokens, each image is encoded once (Embedder's cache), and a step costs the LM alone.
@@ -1574,7 +1574,7 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
 # 6. Information Compression Module (ICM)
 # =============================================================================================
 #
-# Every candidate c arrives as its full token sequence T_c (L_c, D): 16 visual tokens for a tiny
+# Every candidate c arrives as its full token sequence T_c (L_c, D): 9 visual tokens for a tiny
 # image, up to ~40 word embeddings for a caption, hundreds for a real image. With K candidates the
 # reasoning context grows as K * L_c. The ICM squeezes each candidate into two tokens:
 #
@@ -2845,14 +2845,36 @@ def trainable_theta(theta: Reasoner) -> list:
     return [p for p in theta.parameters() if p.requires_grad]
 
 
+CAPTION_LOSS_TOP = 3  # caption_loss reads phi's first 3 candidates of each query (the most inspected)
+
+
+def caption_loss(theta: Reasoner, prompts: list[Prompt], items: list) -> torch.Tensor:
+    """L_cap: the warm-up's caption loss on the candidates in front of theta (phi's first few),
+        -(1 / #words) sum log p(y_t | T_{c_k}, "caption :", y_<t)      y = caption(c_k), then <eos>
+    The verifier's verdicts are this likelihood; SFT and GRPO move the LM, and without L_cap its
+    captions (so its verdicts) drift. Only with the verifier on (scene graphs give the captions)."""
+    bb, eos, cap = theta.bb, theta.bb.tid("<eos>"), theta.bb.ids(CAPTION_PROMPT)
+    rows = [[("emb", p.full[k]), ("ids", cap, False), ("ids", bb.ids(caption(sc)) + [eos], True)]
+            for p, it in zip(prompts, items) for k, sc in enumerate(it.scenes[: min(p.K, CAPTION_LOSS_TOP)])
+            if sc is not None]
+    if not rows:
+        return torch.zeros((), device=bb.device)
+    return lm_loss(bb, *lm_batch(bb, rows))[0]
+
+
 def sft_loss(theta: Reasoner, emb: Embedder, batch: list) -> tuple[torch.Tensor, dict]:
     """L_SFT = -(1 / #tokens) sum_t log pi(y_t | prompt, y_<t, splices): the mean over the teacher's
-    generated tokens only; the prompt and the spliced observations never count (score() masks them)."""
+    generated tokens only; the prompt and the spliced observations never count (score() masks them).
+    With the verifier on, + L_cap (caption_loss) on phi's first candidates of each query."""
     prompts = build_prompts(theta, emb, [it.query for it, _ in batch], [it.cands for it, _ in batch])
     rolls = [trace_rollout(theta.bb, text, theta.verdict_threshold is not None) for _, text in batch]
     logp, mask = score(theta, prompts, rolls)  # (N, T), (N, T)
     loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
-    return loss, dict(tokens=int(mask.sum().item()))
+    st = dict(tokens=int(mask.sum().item()))
+    if theta.verdict_threshold is not None:
+        l_cap = caption_loss(theta, prompts, [it for it, _ in batch])
+        loss, st["caption_loss"] = loss + l_cap, l_cap.item()
+    return loss, st
 
 
 def save_theta(cfg: Config, theta: Reasoner, stage: str, step: int, **extra) -> None:
@@ -2999,6 +3021,8 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
                 prompts = build_prompts(theta, emb, [it.query for it in batch], [it.cands for it in batch])
                 logp, mask = score(theta, [p for p in prompts for _ in range(G)], rolls)
                 loss, st = grpo_loss(logp, old_logp, ref_logp, adv, mask, EPS_CLIP, cfg.beta)
+                if theta.verdict_threshold is not None:  # keep the verifier's captions (caption_loss)
+                    loss = loss + caption_loss(theta, prompts, batch)
             check_finite(loss, "grpo", step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
