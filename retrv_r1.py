@@ -149,7 +149,7 @@ class Config:
     # --- backbone (section 4) --------------------------------------------------------------------
     backbone: str = arg("tiny", 'tiny (random init, offline) or an Idefics3/SmolVLM directory or hub id')
     # --- stage 0: warm-up (section 9) ------------------------------------------------------------
-    warmup_steps: int = arg(500, "warm-up optimiser steps (tiny backbone only)")
+    warmup_steps: int = arg(1000, "warm-up optimiser steps (tiny backbone only)")
     warmup_lr: float = arg(1e-3, "warm-up AdamW learning rate")
     warmup_batch: int = arg(48, "warm-up sequences per step")
     warmup_probe: float = arg(1.0, "weight of the attribute-probe loss on the visual tokens (0 = off)")
@@ -2180,7 +2180,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 # colour / size straight off its visual token, a dense signal the caption loss reaches only through
 # the whole LM. The probe is thrown away after the warm-up.
 
-WARMUP_MIX = {"caption": 0.5, "ideal": 0.25, "relation": 0.25}  # share of each sequence kind per step
+WARMUP_MIX = {"caption": 0.35, "ideal": 0.45, "relation": 0.2}  # share of each sequence kind per step
 TEXT_CAPTION_FRAC = 0.125  # share of caption sequences that read a caption's words instead of an image
 
 
@@ -2414,7 +2414,7 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     held_rel = caption_accuracy(bb, seed=54321, kind="relation")
     held_match = match_accuracy(bb)
     gate = caption_gate(bb, load_tasks(cfg, "val"))
-    res = {"caption": held, "ideal": {"token_acc": held_ideal["token_acc"]}, "relation": {"token_acc": held_rel["token_acc"]},
+    res = {"caption": held, "ideal": held_ideal, "relation": {"token_acc": held_rel["token_acc"]},
            "match": held_match, "gate": gate}
     with atomic_dir(Path(cfg.run_dir) / "warmup") as tmp:
         bb.save(tmp)
@@ -2423,7 +2423,7 @@ def warmup(cfg: Config, verbose: bool = True) -> dict:
     if verbose:
         print("[warmup] held-out caption token acc {token_acc:.3f} (shape {shape_acc:.2f}, color {color_acc:.2f}, "
               "size {size_acc:.2f}, position {position_acc:.2f})".format(**held)
-              + f"; ideal {held_ideal['token_acc']:.3f}; relation {held_rel['token_acc']:.3f}; the verdict word of a "
+              + f"; ideal {held_ideal['token_acc']:.3f} (shape {held_ideal['shape_acc']:.2f}); relation {held_rel['token_acc']:.3f}; the verdict word of a "
               f"relation it writes itself: right on matches {held_match['on_match']:.2f}, on negatives {held_match['on_differs']:.2f}")
         print(f"[warmup] gate (val, {gate['n_queries']} queries): caption-likelihood listwise top-1 of {gate['n_cands']} "
               f"{gate['listwise_top1']:.3f} (chance {1 / gate['n_cands']:.3f}); weakest-word split: right on "
