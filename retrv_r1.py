@@ -83,7 +83,7 @@ Deviations from the paper
   teacher CoTs read from a JSONL file (--cot-file).
 * GRPO: rollouts at temperature 1; log-probs are the untempered model's; with mu = 1 the ratio is
   1 (the clip never binds) and the update is REINFORCE with a group baseline plus the KL term.
-  RL queries are the train queries the SFT model gets wrong first.
+  RL queries are a random sample of the train queries.
 * Training data for theta: phi's top-K of the train queries, in phi's order -- the queries phi was
   trained on, so their rank statistics are rosier than at test time.
 * Scale: K = 8 (paper: 50), a few hundred optimiser steps per stage on CPU.
@@ -179,7 +179,7 @@ class Config:
     G: int = arg(8, "rollouts per query (the group)")
     grpo_mu: int = arg(1, "mu: updates per batch of rollouts")
     beta: float = arg(0.04, "weight of the k3 KL to the frozen SFT model (0 = no reference model)")
-    grpo_pool: int = arg(256, "RL queries, the SFT model's failures first")
+    grpo_pool: int = arg(256, "RL queries: a random sample of the train queries with the positive in phi's top-K")
     grpo_from: str = arg("sft", "sft | icm (the w/o-SFT ablation: RL straight from the aligned model)")
     fixed_lambda: float = arg(-1.0, ">= 0: a fixed lambda instead of the curriculum (the ablation uses 0.5)")
     # --- reranking and evaluation (section 13) ---------------------------------------------------
@@ -2195,7 +2195,8 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str) -> tuple[list, l
         if rng.random() < TEXT_CAPTION_FRAC:
             return [("ids", bb.ids(caption(scene)), False), ("ids", bb.ids("caption :"), False), target], []
         return [("img", 0), ("ids", bb.ids("caption :"), False), target], [(scene, None)]
-    g = make_group(rng.choice([0, 3, 4, 7]), rng, 3)
+    # an ideal for task 7 applies an edit, the hardest of the four: it gets half of the ideal sequences
+    g = make_group(rng.choice([0, 3, 4, 7, 7, 7] if kind == "ideal" else [0, 3, 4, 7]), rng, 3)
     q = g["query"]
     segs, imgs = [], []
     if q["scene"] is not None:
@@ -2947,22 +2948,14 @@ def train_sft(cfg: Config, verbose: bool = True) -> dict:
 EPS_CLIP = 0.2  # PPO clip range epsilon
 
 
-def rl_queries(cfg: Config, theta: Reasoner, emb: Embedder, items: list[RerankItem], verbose: bool) -> list[RerankItem]:
-    """Train queries whose positive phi retrieved, up to grpo_pool of them, hardest first for the SFT
-    model: those it gets wrong greedily, then those it gets right where phi's rank 1 is wrong, then the
-    rest. Groups the model always solves (or always fails) have zero reward variance, so no signal."""
+def rl_queries(cfg: Config, items: list[RerankItem], verbose: bool) -> list[RerankItem]:
+    """grpo_pool train queries whose positive phi retrieved, drawn at random: the RL data. (A group
+    the model always solves has zero reward variance and no signal at lambda = 0; as lambda grows
+    its shorter traces earn more, which is where the curriculum's lesson comes from.)"""
     cand = [it for it in items if it.positives]
-    rng = random.Random(cfg.seed + 41)
-    rng.shuffle(cand)
-    cand = cand[: cfg.grpo_pool * 2]
-    res = rerank(cfg, theta, emb, cand, verbose=verbose, desc="choosing RL queries")
-    wrong = [it for it, r in zip(cand, res) if r["pick"] not in it.positives]
-    hard_right = [it for it, r in zip(cand, res) if r["pick"] in it.positives and 1 not in it.positives]
-    easy = [it for it, r in zip(cand, res) if r["pick"] in it.positives and 1 in it.positives]
-    chosen = (wrong + hard_right + easy)[: cfg.grpo_pool]
+    chosen = random.Random(cfg.seed + 41).sample(cand, min(cfg.grpo_pool, len(cand)))
     if verbose:
-        print(f"[grpo] RL pool: {len(chosen)} of {len(cand)} screened train queries: first the {len(wrong)} the SFT "
-              f"model gets wrong, then {len(hard_right)} it gets right where phi's rank 1 is wrong, then easy ones")
+        print(f"[grpo] RL pool: {len(chosen)} random train queries with the positive in phi's top-{cfg.K}")
     return chosen
 
 
@@ -2979,7 +2972,7 @@ def train_grpo(cfg: Config, verbose: bool = True) -> dict:
     emb = Embedder(theta.bb, ImageCache(theta.bb.image_size), frozen_vision=True)
     ref_emb = Embedder(ref.bb, emb.cache, frozen_vision=True) if ref is not None else None
     items = rerank_items(cfg, "train", verbose=verbose)
-    pool = rl_queries(cfg, theta, emb, items, verbose)
+    pool = rl_queries(cfg, items, verbose)
     params = trainable_theta(theta)
     opt = torch.optim.AdamW(params, lr=cfg.grpo_lr, weight_decay=0.0)
     sched = cosine_schedule(opt, cfg.grpo_steps * cfg.grpo_mu, warmup=1)
