@@ -642,6 +642,43 @@ def test_cot_trace_phases_and_inspection_budget():
     assert ins1 == [] and "<insp_s>" not in t1
 
 
+def test_warmup_kinds_are_dense_word_targets(small):
+    """caption: [image or the caption's words] "caption :" -> caption <eos>; ideal: the query's segments
+    "ideal :" -> the target's caption <eos>; relation: query "candidate :" candidate "relation :" ->
+    the relation, "match ." about half the time. Only the last segment is labelled."""
+    cfg, theta, emb, _ = small
+    bb = theta.bb
+    eos = bb.tid("<eos>")
+    rng = random.Random(2)
+    n_text, n_match = 0, 0
+    for _ in range(200):
+        segs, imgs = R.warmup_example(bb, rng, "caption")
+        assert [s[2] for s in segs if s[0] == "ids"][-1] and segs[-2][1] == bb.ids("caption :")
+        assert segs[-1][1][-1] == eos and len(imgs) == (0 if segs[0][0] == "ids" else 1)
+        if segs[0][0] == "ids":  # a text candidate reads its own caption
+            n_text += 1
+            assert segs[0][1] + [eos] == segs[-1][1]
+        segs, imgs = R.warmup_example(bb, rng, "ideal")
+        assert segs[-2][1] == bb.ids("ideal :") and segs[-1][2] and not any(s[2] for s in segs[:-1] if s[0] == "ids")
+        segs, imgs = R.warmup_example(bb, rng, "relation")
+        rel = bb.tok.decode(segs[-1][1][:-1])
+        assert segs[-2][1] == bb.ids("relation :") and rel.startswith(("match .", "differs :"))
+        n_match += rel.startswith("match")
+    assert 10 < n_text < 45 and 70 < n_match < 130
+    rows, vis, scenes = R.warmup_sequences(bb, random.Random(0), 12)
+    assert len(rows) == 12 and vis.shape[1:] == (9, bb.D) and len(scenes) == vis.shape[0]
+
+
+def test_visible_change_compares_bags_of_colours_and_sizes():
+    t = [("circle", "red", "large", 0), ("star", "blue", "small", 4)]
+    assert R.visible_change(t, t) is None
+    assert R.visible_change(t, [("circle", "green", "large", 0), t[1]]) == "color"
+    assert R.visible_change(t, [("circle", "red", "small", 0), t[1]]) == "size"
+    assert R.visible_change(t, [("square", "red", "large", 0), t[1]]) is None  # shape: needs a closer look
+    assert R.visible_change(t, [("circle", "red", "large", 2), t[1]]) is None  # position: too
+    assert R.visible_change(t, [("circle", "blue", "large", 0), ("star", "red", "small", 4)]) is None  # same bag
+
+
 def test_attribute_probe_targets_and_loss():
     scene = [("circle", "red", "large", 0), ("star", "blue", "small", 4)]
     probe = R.AttributeProbe(D=8)
