@@ -145,7 +145,7 @@ class Config:
     n_train: int = arg(600, "train queries per task")
     n_val: int = arg(50, "val queries per task")
     n_test: int = arg(100, "test queries per task")
-    n_hard_neg: int = arg(15, "hard negatives per query, all in the task's local pool")
+    n_hard_neg: int = arg(7, "hard negatives per query, all in the task's local pool (2^d - 1: the other corners of a d-cube)")
     # --- backbone (section 4) --------------------------------------------------------------------
     backbone: str = arg("tiny", 'tiny (random init, offline) or an Idefics3/SmolVLM directory or hub id')
     # --- stage 0: warm-up (section 9) ------------------------------------------------------------
@@ -197,7 +197,7 @@ class Config:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~2 minutes on 2 CPU cores: what the tests and notebooks use. The numbers mean little.
-    "smoke": dict(world="smoke", n_train=48, n_val=16, n_test=16, n_hard_neg=15,
+    "smoke": dict(world="smoke", n_train=48, n_val=16, n_test=16,
                   warmup_steps=60, warmup_batch=32, ret_steps=30, ret_batch=16, align_steps=20, align_batch=16,
                   sft_steps=20, sft_batch=8, grpo_steps=4, grpo_batch=2, G=4, grpo_pool=16, ckpt_every=5),
     # the default CPU run (results in README.md)
@@ -566,10 +566,11 @@ class Partial:
 # one object. The tiny backbone cuts the image into 16-px patches, so each of its 9 visual tokens
 # sees exactly one cell, and every cell has a one-word name ("top-left").
 #
-# A query's candidates are the corners of a cube: a base scene and d = 4 independent changes (one
-# attribute of one object each); every subset of the changes applied is a scene, 2^4 = 16 in all.
-# One corner is the target, the other 15 its hard negatives, 1 to 4 changes away. Every corner has
-# exactly 4 neighbours one change away, so no candidate stands out without reading the query.
+# A query's candidates are the corners of a cube: a base scene and d = 3 independent changes (one
+# attribute of one object each); every subset of the changes applied is a scene, 2^3 = 8 in all.
+# One corner is the target, the other 7 its hard negatives, 1 to 3 changes away. Every corner has
+# exactly 3 neighbours one change away, so no candidate stands out without reading the query; with
+# K = 8, phi's top-K is normally the whole cube, and a query-blind pick from it is right 1 time in 8.
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "white"]
@@ -706,9 +707,9 @@ def make_group(task: int, rng: random.Random, n_neg: int) -> dict:
     Draw a base scene and d = ceil(log2(n_neg + 1)) independent one-attribute changes (cube_changes);
     the candidates are corners of the d-cube (a subset of the changes applied), the target a random
     corner, the negatives n_neg of the others (all of them when n_neg = 2^d - 1, the default
-    15 = 2^4 - 1). Every corner is one change away from exactly d others, so no candidate is a hub:
+    7 = 2^3 - 1). Every corner is one change away from exactly d others, so no candidate is a hub:
     which one is the target can only be read off the query (consensus_pick measures it). Hard
-    negatives are 1 to d changes away (4 of 15 one change away, 6 two, 4 three, 1 four).
+    negatives are 1 to d changes away (with d = 3: 3 of 7 one change away, 3 two, 1 three).
     Task 7's source image is the target with one change undone, and the edit text redoes it.
 
     Returns {query: {txt, scene (to render or None), jitter, target}, pos: cand, negs: [cand]} where a
@@ -2643,9 +2644,13 @@ def visible_change(target, cand) -> str | None:
     return None
 
 
-def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full") -> tuple[str, list[int]] | None:
+def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full",
+              verifier_error: bool = False) -> tuple[str, list[int]] | None:
     """The teacher's four-phase trace for one query (1-based candidate indices), or None when the
     positive is not among the K candidates (no correct trace exists).
+    verifier_error: the verdict on the positive reads "differs" (as when theta's ideal is wrong); the
+    trace inspects every kept candidate, all "differ", and falls back to the first kept one (None
+    unless that is the positive): what to do when nothing matches.
     mode "noinsp" (the w/o-inspection ablation) drops phase 3 and answers from the compressed view;
     mode "direct" (theta without reasoning) is just "<think> </think> <answer> k </answer>"."""
     if not any(1 <= p <= len(cand_scenes) for p in positives):
@@ -2663,10 +2668,12 @@ def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full
     elif len(keep) > 1:
         for k in keep:
             inspected.append(k)
-            parts.append(f"<insp_s> {k} <insp_e> " + ("match ." if k in positives else "differs ."))
-            if k in positives:
+            parts.append(f"<insp_s> {k} <insp_e> " + ("match ." if k in positives and not verifier_error else "differs ."))
+            if k in positives and not verifier_error:
                 break
-    answer = inspected[-1] if inspected else keep[0]
+    answer = keep[0] if verifier_error else inspected[-1] if inspected else keep[0]
+    if verifier_error and len(inspected) < 2:
+        return None
     if answer not in positives:
         return None
     parts.append(f"</think> <answer> {answer} </answer>")
@@ -2764,14 +2771,21 @@ def rerank_items(cfg: Config, split: str, ret: Retriever | None = None, verbose:
     return items
 
 
+VERIFIER_ERROR_FRAC = 0.1  # share of traces that show the fallback when every verdict says "differs"
+
+
 def build_sft_data(cfg: Config, items: list[RerankItem], teacher: dict | None = None, verbose: bool = True) -> list:
     """(item, trace text) for every train query that has a correct trace; prints the statistics."""
     data, kinds = [], {"scene": 0, "format_only": 0, "teacher": 0}
+    rng = random.Random(cfg.seed + 33)
     for it in items:
         if teacher and it.qid in teacher:
             tr, src = (teacher[it.qid], None), "teacher"
         elif it.target is not None and all(s is not None for s in it.scenes):
-            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode), "scene"
+            err = uses_verifier(cfg) and rng.random() < VERIFIER_ERROR_FRAC
+            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode, err), "scene"
+            if tr is None and err:  # no fallback trace for this query: the plain one
+                tr = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode)
         else:
             tr, src = format_only_trace(it.positives, cfg.K), "format_only"
         if tr is None:
