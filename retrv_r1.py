@@ -145,7 +145,7 @@ class Config:
     n_train: int = arg(600, "train queries per task")
     n_val: int = arg(50, "val queries per task")
     n_test: int = arg(100, "test queries per task")
-    n_hard_neg: int = arg(7, "hard negatives per query, all in the task's local pool (2^d - 1: the other corners of a d-cube)")
+    n_hard_neg: int = arg(15, "hard negatives per query, all in the task's local pool (2^d - 1: the other corners of a d-cube)")
     # --- backbone (section 4) --------------------------------------------------------------------
     backbone: str = arg("tiny", 'tiny (random init, offline) or an Idefics3/SmolVLM directory or hub id')
     # --- stage 0: warm-up (section 9) ------------------------------------------------------------
@@ -566,11 +566,10 @@ class Partial:
 # one object. The tiny backbone cuts the image into 16-px patches, so each of its 9 visual tokens
 # sees exactly one cell, and every cell has a one-word name ("top-left").
 #
-# A query's candidates are the corners of a cube: a base scene and d = 3 independent changes (one
-# attribute of one object each); every subset of the changes applied is a scene, 2^3 = 8 in all.
-# One corner is the target, the other 7 its hard negatives, 1 to 3 changes away. Every corner has
-# exactly 3 neighbours one change away, so no candidate stands out without reading the query; with
-# K = 8, phi's top-K is normally the whole cube, and a query-blind pick from it is right 1 time in 8.
+# A query's candidates are the corners of a cube: a base scene and d = 4 independent changes (one
+# attribute of one object each); every subset of the changes applied is a scene, 2^4 = 16 in all.
+# One corner is the target, the other 15 its hard negatives, 1 to 4 changes away. Every corner has
+# exactly 4 neighbours one change away, so no candidate stands out without reading the query.
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "white"]
@@ -707,9 +706,9 @@ def make_group(task: int, rng: random.Random, n_neg: int) -> dict:
     Draw a base scene and d = ceil(log2(n_neg + 1)) independent one-attribute changes (cube_changes);
     the candidates are corners of the d-cube (a subset of the changes applied), the target a random
     corner, the negatives n_neg of the others (all of them when n_neg = 2^d - 1, the default
-    7 = 2^3 - 1). Every corner is one change away from exactly d others, so no candidate is a hub:
-    which one is the target can only be read off the query (consensus_pick measures it). Hard
-    negatives are 1 to d changes away (with d = 3: 3 of 7 one change away, 3 two, 1 three).
+    15 = 2^4 - 1). Every corner is one change away from exactly d others, so no candidate is a hub:
+    which one is the target can only be read off the query. Hard negatives are 1 to d changes away
+    (4 of 15 one change away, 6 two, 4 three, 1 four).
     Task 7's source image is the target with one change undone, and the edit text redoes it.
 
     Returns {query: {txt, scene (to render or None), jitter, target}, pos: cand, negs: [cand]} where a
@@ -2170,7 +2169,8 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip: float = 0.2, beta: 
 #   caption:   [T_img] "caption :" -> "a large red circle top-left , ... ." <eos>
 #              (1 in 8 reads a caption's words instead of an image: a text candidate says itself)
 #   ideal:     [T_q] "ideal :" -> the caption of the scene the query asks for (tasks 0 3 4 7:
-#              copy the text, read the image, read the re-photographed image, apply the edit)
+#              copy the text, read the image, read the re-photographed image, apply the edit --
+#              task 7 first writes the source image's caption, "source : ...", and edits its words)
 #   relation:  [T_q] "candidate :" [T_c] "relation :" -> "differs : the circle has color blue not red ."
 #              (half of them about the target itself: "match .")
 # Captions are what the inspection's verifier reads (log p(ideal | T_c, "caption :")); ideals are the
@@ -2205,7 +2205,9 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str) -> tuple[list, l
         segs.append(("img", len(imgs) - 1))
     if q["txt"]:
         segs.append(("ids", bb.ids(q["txt"]), False))
-    if kind == "ideal":
+    if kind == "ideal":  # task 7 first writes the source scene in words, then edits those words
+        if q["txt"] and q["scene"] is not None:
+            segs += [("ids", bb.ids("source :"), False), ("ids", bb.ids(caption(q["scene"])), True)]
         return segs + [("ids", bb.ids("ideal :"), False), ("ids", bb.ids(caption(q["target"])) + eos, True)], imgs
     cand = g["pos"] if rng.random() < 0.5 else rng.choice(g["negs"])
     segs.append(("ids", bb.ids("candidate :"), False))
@@ -2645,12 +2647,13 @@ def visible_change(target, cand) -> str | None:
 
 
 def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full",
-              verifier_error: bool = False) -> tuple[str, list[int]] | None:
+              verifier_error: bool = False, source=None) -> tuple[str, list[int]] | None:
     """The teacher's four-phase trace for one query (1-based candidate indices), or None when the
     positive is not among the K candidates (no correct trace exists).
     verifier_error: the verdict on the positive reads "differs" (as when theta's ideal is wrong); the
     trace inspects every kept candidate, all "differ", and falls back to the first kept one (None
-    unless that is the positive): what to do when nothing matches.
+    unless that is the positive): what to do when nothing matches. source: a composed query's source
+    scene (task 7): phase 1 first writes it in words, "source : ...", then the ideal, its edit.
     mode "noinsp" (the w/o-inspection ablation) drops phase 3 and answers from the compressed view;
     mode "direct" (theta without reasoning) is just "<think> </think> <answer> k </answer>"."""
     if not any(1 <= p <= len(cand_scenes) for p in positives):
@@ -2660,7 +2663,8 @@ def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full
     seen = [visible_change(target, c) for c in cand_scenes]
     elim = [(k, v) for k, v in enumerate(seen, 1) if v and k not in positives]
     keep = [k for k in range(1, len(cand_scenes) + 1) if k not in {e[0] for e in elim}]
-    parts = ["<think> ideal :", caption(target), "eliminate :",
+    parts = (["<think> source :", caption(source), "ideal :"] if source is not None else ["<think> ideal :"]) + [
+             caption(target), "eliminate :",
              (" , ".join(f"{k} {kind}" for k, kind in elim) or "none") + " .", "keep :", " ".join(map(str, keep)) + " ."]
     inspected = []
     if mode == "noinsp":
@@ -2745,6 +2749,7 @@ class RerankItem:
     scenes: list  # candidate scene graphs (or Nones)
     task: str
     qid: str
+    source: Any = None  # a composed query's source scene (task 7), else None
 
 
 @torch.no_grad()
@@ -2766,7 +2771,7 @@ def rerank_items(cfg: Config, split: str, ret: Retriever | None = None, verbose:
             items.append(RerankItem(
                 query=query_item(ts, i), cands=[cand_item(ts, j) for j in rows], rows=ranked,
                 positives=[n + 1 for n, j in enumerate(rows) if j in ts.pos[i]],
-                target=scene_of(q["query_src_content"], "target"),
+                target=scene_of(q["query_src_content"], "target"), source=scene_of(q["query_src_content"], "source"),
                 scenes=[scene_of(ts.pool[j]["src_content"]) for j in rows], task=task_key(cfg, ts), qid=q["qid"]))
     return items
 
@@ -2783,9 +2788,9 @@ def build_sft_data(cfg: Config, items: list[RerankItem], teacher: dict | None = 
             tr, src = (teacher[it.qid], None), "teacher"
         elif it.target is not None and all(s is not None for s in it.scenes):
             err = uses_verifier(cfg) and rng.random() < VERIFIER_ERROR_FRAC
-            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode, err), "scene"
+            tr, src = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode, err, it.source), "scene"
             if tr is None and err:  # no fallback trace for this query: the plain one
-                tr = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode)
+                tr = cot_trace(it.target, it.scenes, it.positives, cfg.cot_mode, source=it.source)
         else:
             tr, src = format_only_trace(it.positives, cfg.K), "format_only"
         if tr is None:
