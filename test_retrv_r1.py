@@ -635,6 +635,16 @@ def test_cot_trace_phases_and_inspection_budget():
     # phase 3: a verdict after every inspection, "match ." only after the positive's
     for k in inspected:
         assert f"<insp_s> {k} <insp_e> " + ("match ." if k == 8 else "differs .") in text
+    # a composed query: phase 1 writes the source scene in words first, then the ideal
+    src = scenes[0]
+    ts, _ = R.cot_trace(target, scenes, [8], source=src)
+    assert ts.startswith(f"<think> source : {R.caption(src)} ideal : {R.caption(target)} eliminate :")
+    # the fallback: the positive's verdict reads "differs", every kept candidate is inspected, answer the first kept
+    pos_first = [scenes[7]] + scenes[:7]
+    fb = R.cot_trace(target, pos_first, [1], verifier_error=True)
+    if fb is not None:
+        kept = fb[0].split("keep :")[1].split(".")[0].split()
+        assert fb[1] == [int(k) for k in kept] and "match" not in fb[0] and fb[0].endswith("<answer> 1 </answer>")
     # positive missing from the top-K: no correct trace exists
     assert R.cot_trace(target, scenes[:7], [8]) is None
     # a single plausible candidate: answer without inspection
@@ -659,7 +669,9 @@ def test_warmup_kinds_are_dense_word_targets(small):
             n_text += 1
             assert segs[0][1] + [eos] == segs[-1][1]
         segs, imgs = R.warmup_example(bb, rng, "ideal")
-        assert segs[-2][1] == bb.ids("ideal :") and segs[-1][2] and not any(s[2] for s in segs[:-1] if s[0] == "ids")
+        assert segs[-2][1] == bb.ids("ideal :") and segs[-1][2]
+        lab = [n for n, s in enumerate(segs[:-1]) if s[0] == "ids" and s[2]]
+        assert lab == [] or (lab == [len(segs) - 3] and segs[-4][1] == bb.ids("source :"))  # task 7's scratchpad
         segs, imgs = R.warmup_example(bb, rng, "relation")
         rel = bb.tok.decode(segs[-1][1][:-1])
         assert segs[-2][1] == bb.ids("relation :") and rel.startswith(("match .", "differs :"))
