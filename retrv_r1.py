@@ -63,7 +63,9 @@ Deviations from the paper
   with a threshold chosen on val. Why: at this scale a generated one-word verdict stays at the
   class prior (measured: see `match_accuracy` in the warm-up's output), while the likelihood
   separates positives from negatives. theta still decides what to inspect, when to stop and what
-  to answer. Pretrained backbones and data without scene graphs write their own verdict.
+  to answer. SFT and GRPO add the warm-up's caption loss on phi's first three candidates, so that
+  the LM they move keeps the captions its verdicts rest on. Pretrained backbones and data without
+  scene graphs write their own verdict.
 * Data: a synthetic world of coloured shapes on a 3x3 grid of 16-px cells written in the M-BEIR
   layout (task ids 0, 3, 4, 7) instead of the 16 M-BEIR evaluations. A query's 16 candidates are
   the corners of a 4-cube of independent one-attribute changes, so none stands out without the
@@ -79,7 +81,9 @@ Deviations from the paper
   prompts learned in the warm-up).
 * Synthetic CoT: a rule-based teacher over scene graphs instead of Qwen2.5-VL-72B. Its
   "eliminate" phase treats colour / size changes as visible in the compressed view and shape /
-  position changes as needing inspection. Real M-BEIR data get a format-only trace, or
+  position changes as needing inspection. For a composed query (task 7) phase 1 first writes the
+  source image in words, then the ideal as an edit of those words. 10% of the traces show what to
+  do when every inspected candidate "differs" (answer the first kept one). Real M-BEIR data get a format-only trace, or
   teacher CoTs read from a JSONL file (--cot-file).
 * GRPO: rollouts at temperature 1; log-probs are the untempered model's; with mu = 1 the ratio is
   1 (the clip never binds) and the update is REINFORCE with a group baseline plus the KL term.
