@@ -1284,30 +1284,6 @@ def test_killed_run_resumes_to_the_same_result_as_an_uninterrupted_one(world, tm
 
 
 @slow
-def test_a_warmup_with_a_copy_phase_resumes_across_the_phase_boundary(world, tmp_path):
-    """The copy phase is decided by the step index, so a run killed inside it resumes to the same warm-up."""
-    kw = dict(stages="warmup", warmup_copy_steps=3)
-    R.train(_resume_cfg(world, tmp_path / "a", **kw), verbose=False)
-    R.train(_resume_cfg(world, tmp_path / "b", stop_after=2, **kw), verbose=False)  # killed inside the copy phase
-    R.train(_resume_cfg(world, tmp_path / "b", **kw), verbose=False)
-    ma = R.read_metrics(tmp_path / "a", "warmup")
-    assert ma == R.read_metrics(tmp_path / "b", "warmup") and len(ma) == 2  # steps 0 and 5 are logged
-    wa = R.load_backbone(str(tmp_path / "a" / "warmup")).state_dict()
-    wb = R.load_backbone(str(tmp_path / "b" / "warmup")).state_dict()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # copy steps only: the vision tower gets no gradient and keeps its initial weights; the LM moves
-    cc = _resume_cfg(world, tmp_path / "c", stages="warmup", warmup_steps=3, warmup_copy_steps=3)
-    R.train(cc, verbose=False)
-    R.seed_everything(cc.seed)
-    fresh = R.new_tiny_backbone().state_dict()
-    wc = R.load_backbone(str(tmp_path / "c" / "warmup")).state_dict()
-    vis_keys = [k for k in wc if "vision" in k]
-    assert vis_keys and all(torch.equal(wc[k], fresh[k]) for k in vis_keys)
-    assert any(not torch.equal(wc[k], fresh[k]) for k in wc if k not in vis_keys)
-    assert any(not torch.equal(wa[k], fresh[k]) for k in vis_keys)  # the 3 image steps after the copies do move it
-
-
-@slow
 def test_sft_and_grpo_train_and_eval_writes_every_trace(world, tmp_path):
     kw = dict(stages="warmup,retriever,icm,sft,grpo", align_steps=2, align_batch=4, sft_steps=3, sft_batch=2,
               grpo_steps=2, grpo_batch=2, G=2, grpo_pool=4, max_new=24, ckpt_every=0)
