@@ -2198,8 +2198,8 @@ def warmup_example(bb: Backbone, rng: random.Random, kind: str) -> tuple[list, l
         scene = random_scene(rng)
         target = ("ids", bb.ids(caption(scene)) + eos, True)
         if rng.random() < TEXT_CAPTION_FRAC:
-            return [("ids", bb.ids(caption(scene)), False), ("ids", bb.ids("caption :"), False), target], []
-        return [("img", 0), ("ids", bb.ids("caption :"), False), target], [(scene, None)]
+            return [("ids", bb.ids(caption(scene)), False), ("ids", bb.ids(CAPTION_PROMPT), False), target], []
+        return [("img", 0), ("ids", bb.ids(CAPTION_PROMPT), False), target], [(scene, None)]
     # an ideal for task 7 applies an edit, the hardest of the four: it gets half of the ideal sequences
     g = make_group(rng.choice([0, 3, 4, 7, 7, 7] if kind == "ideal" else [0, 3, 4, 7]), rng, 3)
     q = g["query"]
@@ -2476,7 +2476,7 @@ def full_descriptions(theta: Reasoner, emb: Embedder, pairs: list, max_new: int 
     T_c, c_mask = emb.tokens(c_items)
     tq = [T_q[i, : int(q_mask[i].sum())] for i in range(len(pairs))]
     tc = [T_c[i, : int(c_mask[i].sum())] for i in range(len(pairs))]
-    con = assemble(bb, [[("emb", c), ("ids", bb.ids("caption :"))] for c in tc])
+    con = assemble(bb, [[("emb", c), ("ids", bb.ids(CAPTION_PROMPT))] for c in tc])
     rel = assemble(bb, [[("emb", q), ("ids", bb.ids("candidate :")), ("emb", c), ("ids", bb.ids("relation :"))]
                         for q, c in zip(tq, tc)])
     outs = sample(theta, [bare_prompt(e) for e in con + rel], max_new=max_new, greedy=True, inspect=False)
@@ -2494,12 +2494,12 @@ def alignment_batch(theta: Reasoner, emb: Embedder, pairs: list, con_t: list, re
     if compressed:
         z = theta.icm(T_c, c_mask, T_q, q_mask)
         for i in range(len(pairs)):
-            rows.append([("emb", z["t_con"][i: i + 1]), ("ids", bb.ids("caption :"), False), ("ids", con_t[i], True)])
+            rows.append([("emb", z["t_con"][i: i + 1]), ("ids", bb.ids(CAPTION_PROMPT), False), ("ids", con_t[i], True)])
         for i in range(len(pairs)):
             rows.append([("emb", z["t_rel"][i: i + 1]), ("ids", bb.ids("relation :"), False), ("ids", rel_t[i], True)])
     else:
         for i in range(len(pairs)):
-            rows.append([("emb", T_c[i, : int(c_mask[i].sum())]), ("ids", bb.ids("caption :"), False),
+            rows.append([("emb", T_c[i, : int(c_mask[i].sum())]), ("ids", bb.ids(CAPTION_PROMPT), False),
                          ("ids", con_t[i], True)])
         for i in range(len(pairs)):
             rows.append([("emb", T_q[i, : int(q_mask[i].sum())]), ("ids", bb.ids("candidate :"), False),
