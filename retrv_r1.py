@@ -80,8 +80,10 @@ Deviations from the paper
   targets are the frozen LM's own greedy descriptions from full tokens ("caption :" / "relation :"
   prompts learned in the warm-up).
 * Synthetic CoT: a rule-based teacher over scene graphs instead of Qwen2.5-VL-72B. Its
-  "eliminate" phase treats colour / size changes as visible in the compressed view and shape /
-  position changes as needing inspection. For a composed query (task 7) phase 1 first writes the
+  "eliminate" phase keeps every candidate. Why: a teacher that ruled out colour / size changes
+  "from the compressed view" taught a template, not a reading (the frozen LM names a candidate's
+  attributes at 0.62 token accuracy from its two compressed tokens vs 1.00 from full tokens, and
+  theta learned "eliminate 2..8, keep 1", phi's rank prior). For a composed query (task 7) phase 1 first writes the
   source image in words, then the ideal as an edit of those words. 10% of the traces show what to
   do when every inspected candidate "differs" (answer the first kept one). Real M-BEIR data get a format-only trace, or
   teacher CoTs read from a JSONL file (--cot-file).
@@ -2629,25 +2631,16 @@ def align_icm(cfg: Config, verbose: bool = True) -> dict:
 # The paper distils a 72B teacher; here a rule-based teacher reads the scene graphs and writes the
 # paper's four phases (only traces whose answer is right are kept):
 #   1 speculate   "ideal : a large red circle top-left , a small blue star center ."
-#   2 eliminate   "eliminate : 2 color , 5 size . keep : 1 3 4 ."
-#                 a candidate whose bag of colours or of sizes differs from the ideal's is ruled out
-#                 from its compressed tokens; shape and position changes need a closer look
-#   3 inspect     "<insp_s> 3 <insp_e> differs . <insp_s> 1 <insp_e> match ."
+#   2 eliminate   "eliminate : none . keep : 1 2 3 4 5 6 7 8 ."
+#                 every candidate is kept: in this world the negatives are one to four attribute
+#                 changes away, and two compressed tokens do not show which (see the Deviations)
+#   3 inspect     "<insp_s> 1 <insp_e> differs . <insp_s> 2 <insp_e> match ."
 #                 kept candidates in phi's order until a match; the verdict after each splice is
 #                 written by the system (section 7's verifier), so SFT never trains it
-#   4 answer      "</think> <answer> 1 </answer>"
-# With a single kept candidate the answer follows without inspection, so N_ins varies with how
-# many look-alikes phi put in the top-K. (How often the verdict after a splice is right is what
-# `eval` reports as "says match after inspecting the positive / a negative".)
-
-
-def visible_change(target, cand) -> str | None:
-    """What the compressed view shows, by the teacher's rule: "color" when the candidate's bag of
-    colours differs from the target's, else "size" when its bag of sizes does, else None."""
-    for name, a in (("color", 1), ("size", 2)):
-        if sorted(o[a] for o in target) != sorted(o[a] for o in cand):
-            return name
-    return None
+#   4 answer      "</think> <answer> 2 </answer>"
+# N_ins is the positive's rank in phi's list: theta learns to read verdicts and stop at the first
+# "match", and GRPO's curriculum then prices each look. (How often the verdict after a splice is
+# right is what `eval` reports as "says match after inspecting the positive / a negative".)
 
 
 def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full",
@@ -2664,12 +2657,9 @@ def cot_trace(target, cand_scenes: list, positives: list[int], mode: str = "full
         return None
     if mode == "direct":
         return f"<think> </think> <answer> {min(p for p in positives if p <= len(cand_scenes))} </answer>", []
-    seen = [visible_change(target, c) for c in cand_scenes]
-    elim = [(k, v) for k, v in enumerate(seen, 1) if v and k not in positives]
-    keep = [k for k in range(1, len(cand_scenes) + 1) if k not in {e[0] for e in elim}]
+    keep = list(range(1, len(cand_scenes) + 1))  # nothing is ruled out from the compressed view
     parts = (["<think> source :", caption(source), "ideal :"] if source is not None else ["<think> ideal :"]) + [
-             caption(target), "eliminate :",
-             (" , ".join(f"{k} {kind}" for k, kind in elim) or "none") + " .", "keep :", " ".join(map(str, keep)) + " ."]
+             caption(target), "eliminate : none . keep :", " ".join(map(str, keep)) + " ."]
     inspected = []
     if mode == "noinsp":
         keep = [k for k in keep if k in positives] + [k for k in keep if k not in positives]
