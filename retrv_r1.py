@@ -3463,16 +3463,18 @@ def ablate(cfg: Config, verbose: bool = True) -> dict:
 
 
 def ablation_table(results: dict, cfg: Config) -> str:
-    lines = [f"split {cfg.split}, K = {cfg.K}, seed {cfg.seed}, preset {cfg.preset}",
-             "| row | R@1 | R@5 | R@10 | inspections / query | context tokens / query | rerank ms / query | "
-             "format-valid | paper (CIRR R@5) |", "|---|---|---|---|---|---|---|---|---|"]
+    tasks = sorted(next(iter(results.values()))["tasks"]) if results else []
+    lines = [f"split {cfg.split}, K = {cfg.K}, seed {cfg.seed}, preset {cfg.preset}; R@1 per task: tasks {' / '.join(tasks)}",
+             "| row | R@1 | R@1 per task | R@5 | R@10 | inspections / query | context tokens / query | rerank ms / query | "
+             "format-valid | paper (CIRR R@5) |", "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"
     for name in ABLATION_ROWS:
         if name not in results:
             continue
         r, e = results[name], results[name]["efficiency"]
         paper = ABLATION_ROWS[name][3]
-        lines.append(f"| {name} | {f(r['avg']['R@1'])} | {f(r['avg']['R@5'])} | {f(r['avg']['R@10'])} | "
+        per_task = " / ".join(f"{t['R@1']:.2f}" for _, t in sorted(r["tasks"].items(), key=lambda kv: kv[0]))
+        lines.append(f"| {name} | {f(r['avg']['R@1'])} | {per_task} | {f(r['avg']['R@5'])} | {f(r['avg']['R@10'])} | "
                      f"{f(e.get('inspections_per_query'), 2)} | {f(e.get('context_tokens_per_query'), 1)} | "
                      f"{f(e.get('rerank_ms_per_query'), 1)} | {f(e.get('format_valid_rate'))} | "
                      f"{'–' if paper is None else paper} |")
