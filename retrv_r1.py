@@ -83,10 +83,10 @@ Deviations from the paper
   "eliminate" phase keeps every candidate. Why: a teacher that ruled out colour / size changes
   "from the compressed view" taught a template, not a reading (the frozen LM names a candidate's
   attributes at 0.62 token accuracy from its two compressed tokens vs 1.00 from full tokens, and
-  theta learned "eliminate 2..8, keep 1", phi's rank prior). For a composed query (task 7) phase 1 first writes the
-  source image in words, then the ideal as an edit of those words. 10% of the traces show what to
-  do when every inspected candidate "differs" (answer the first kept one). Real M-BEIR data get a format-only trace, or
-  teacher CoTs read from a JSONL file (--cot-file).
+  theta learned "eliminate 2..8, keep 1", phi's rank prior). For a composed query (task 7) phase 1
+  first writes the source image in words, then the ideal as an edit of those words. 10% of the
+  traces show what to do when every inspected candidate "differs" (answer the first kept one).
+  Real M-BEIR data get a format-only trace, or teacher CoTs read from a JSONL file (--cot-file).
 * GRPO: rollouts at temperature 1; log-probs are the untempered model's; with mu = 1 the ratio is
   1 (the clip never binds) and the update is REINFORCE with a group baseline plus the KL term.
   RL queries are a random sample of the train queries.
@@ -3473,7 +3473,7 @@ def ablation_table(results: dict, cfg: Config) -> str:
             continue
         r, e = results[name], results[name]["efficiency"]
         paper = ABLATION_ROWS[name][3]
-        per_task = " / ".join(f"{t['R@1']:.2f}" for _, t in sorted(r["tasks"].items(), key=lambda kv: kv[0]))
+        per_task = " / ".join(f"{t['R@1']:.2f}" for _, t in sorted(r["tasks"].items()))
         lines.append(f"| {name} | {f(r['avg']['R@1'])} | {per_task} | {f(r['avg']['R@5'])} | {f(r['avg']['R@10'])} | "
                      f"{f(e.get('inspections_per_query'), 2)} | {f(e.get('context_tokens_per_query'), 1)} | "
                      f"{f(e.get('rerank_ms_per_query'), 1)} | {f(e.get('format_valid_rate'))} | "
