@@ -1463,6 +1463,14 @@ RET_DIM = 128  # embedding width after the projection W
 TAU = 0.05  # InfoNCE temperature
 
 
+def info_nce(e_q: torch.Tensor, e_c: torch.Tensor, tau: float = TAU) -> torch.Tensor:
+    """L = mean_i -log softmax_c(e_q_i . e_c / tau)[i]: query i's positive is candidate row i, every
+    other row (the other queries' positives, the hard negatives after them) is a negative.
+    e_q (B, d), e_c (M, d) with M >= B -> scalar."""
+    logits = e_q @ e_c.T / tau  # (B, M)
+    return F.cross_entropy(logits, torch.arange(len(e_q), device=e_q.device))
+
+
 class Retriever(nn.Module):
     def __init__(self, bb: Backbone, dim: int = RET_DIM):
         super().__init__()
@@ -1551,16 +1559,14 @@ def train_retriever(cfg: Config, verbose: bool = True) -> dict:
         with autocast(dev, dt):
             e = ret.encode(emb, q_items + c_items)  # one call: its length buckets mix queries and candidates
         eq, ec = e[: len(batch)], e[len(batch):]  # (B, d), (B + B*H, d)
-        logits = eq @ ec.T / TAU  # (B, B + B*H)
-        target = torch.arange(len(batch), device=dev)
-        loss = F.cross_entropy(logits, target)
+        loss = info_nce(eq, ec)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(ret.parameters(), 1.0)
         check_finite(loss, "retriever", step)
         opt.step()
         sched.step()
-        acc = (logits.argmax(-1) == target).float().mean().item()
+        acc = ((eq @ ec.T).argmax(-1) == torch.arange(len(batch), device=dev)).float().mean().item()  # in-batch top-1
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
         if step % LOG_EVERY == 0 or step == cfg.ret_steps - 1:
             log.log(step=step, loss=loss.item(), batch_acc=acc, grad_norm=float(gn), lr=sched.get_last_lr()[0])
@@ -1599,6 +1605,17 @@ ICM_HEADS = 4  # attention heads of ATT1, ATT2 and ATT1'
 ICM_MAX_LEN = 96  # longest candidate token sequence the position table covers (longer ones are cut)
 
 
+def masked_attention(q, k, v, mask):
+    """Scaled dot-product attention over the keys where mask is 1:
+
+        att = softmax_j( q . k_j / sqrt(d) )   (masked keys get weight 0),   out = sum_j att_j v_j
+
+    q (B, H, Lq, d), k and v (B, H, Lk, d), mask (B, Lk) -> out (B, H, Lq, d), att (B, H, Lq, Lk)."""
+    att = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
+    att = att.masked_fill(~mask.bool()[:, None, None, :], float("-inf")).softmax(-1)
+    return att @ v, att
+
+
 class AttnBlock(nn.Module):
     """x <- x + MHA(LN(x), LN(ctx)); x <- x + MLP(LN(x)). Returns (x, attention (B, H, Lq, Lk))."""
 
@@ -1612,9 +1629,8 @@ class AttnBlock(nn.Module):
     def forward(self, x, ctx, ctx_mask):
         q = rearrange(self.q(self.ln_q(x)), "b l (h d) -> b h l d", h=self.H)  # (B, H, Lq, d)
         k, v = rearrange(self.kv(self.ln_kv(ctx)), "b l (two h d) -> two b h l d", two=2, h=self.H)
-        att = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
-        att = att.masked_fill(~ctx_mask.bool()[:, None, None, :], float("-inf")).softmax(-1)
-        x = x + self.o(rearrange(att @ v, "b h l d -> b l (h d)"))
+        out, att = masked_attention(q, k, v, ctx_mask)  # (B, H, Lq, d), (B, H, Lq, Lk)
+        x = x + self.o(rearrange(out, "b h l d -> b l (h d)"))
         return x + self.mlp(self.ln_m(x)), att
 
 

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -1221,20 +1222,134 @@ def test_data_cli_demo_without_a_trained_theta_returns_2(tmp_path, capsys):
     assert "no trained theta" in _one_error_line(capsys)
 
 
-# ---------------------------------------------------------------- notebooks (run top to bottom, smoke preset)
+# ---------------------------------------------------------------- notebooks and their exercises
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path):
-    """Every notebook executes without an error (they train/reuse runs/smoke, so they run in order)."""
+def test_notebook_runs_top_to_bottom(path, monkeypatch):
+    """Every notebook executes without an error on the smoke preset (never on a local runs/tiny), its
+    experiments run with a prediction filled in; the committed file is not rewritten."""
     import nbclient
     import nbformat
 
+    monkeypatch.setenv("RETRV_R1_NOTEBOOK_PRESET", "smoke")  # read by course.setup in the kernel
     nb = nbformat.read(path, as_version=4)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            c.source = re.sub(r"^my_prediction = None", "my_prediction = 0.5", c.source, flags=re.M)
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "uses the smoke preset" in printed and "Write your prediction" not in printed
+    assert printed.count("not implemented yet") == len(_cells(path, "exercise-stub"))  # the stubs as committed
+
+
+def _cells(path: Path, tag: str) -> list[str]:
+    return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if tag in c["metadata"].get("tags", [])]
+
+
+def _course():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    import course
+
+    return course
+
+
+# A deliberately wrong version of each "implement it" exercise, with the words its failure must show.
+def _wrong_info_nce(e_q, e_c, tau):
+    return R.info_nce(e_q, e_c, 1.0)  # forgot the temperature
+
+
+def _wrong_consensus_pick(C):
+    return int((C @ C.T).sum(1).argmax())  # counts each row's similarity with itself
+
+
+def _wrong_masked_attention(q, k, v, mask):
+    att = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)  # ignores the mask
+    return att @ v, att
+
+
+def _wrong_parse_inspection(bb, ids, K, inspected):
+    return R.parse_inspection(bb, ids, K, [])  # forgets what was inspected already
+
+
+def _wrong_verdict_score(lp, mask):
+    return R.masked_mean(lp, mask, dim=-1)  # the mean word instead of the weakest
+
+
+def _wrong_trace_rollout(bb, text):
+    return R.trace_rollout(bb, text, verdicts=False)  # the verdict words stay theta's tokens
+
+
+def _wrong_format_reward(text, K):
+    return float(R.parse_answer(text) is not None and "</think>" in text)  # only looks for the tags
+
+
+def _wrong_curriculum_reward(correct, n_ins, K, step, total):
+    return R.result_reward(correct, n_ins, K, step / total)  # never reaches lam = 1
+
+
+def _wrong_group_advantages(rewards, G):
+    return R.group_advantages(rewards, len(rewards))  # normalises the whole batch as one group
+
+
+def _wrong_grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_clip, beta):
+    d = ref_logp - logp
+    per_tok = -torch.exp(logp - old_logp) * adv[:, None] + beta * (torch.exp(d) - d - 1)  # no clip
+    return (per_tok * mask).sum() / mask.sum()
+
+
+def _wrong_recall_at(ranked, pos, ks):
+    return {f"R@{k}": sum(len(set(r[:k]) & set(p)) / len(p) for r, p in zip(ranked, pos)) / len(ranked) for k in ks}
+
+
+WRONG = {"info_nce": (_wrong_info_nce, "divide by tau"),
+         "consensus_pick": (_wrong_consensus_pick, "similarity with itself"),
+         "masked_attention": (_wrong_masked_attention, "must get attention weight 0"),
+         "parse_inspection": (_wrong_parse_inspection, "inspected twice"),
+         "verdict_score": (_wrong_verdict_score, "WEAKEST word decides"),
+         "trace_rollout": (_wrong_trace_rollout, "without each verdict"),
+         "format_reward": (_wrong_format_reward, "breaks a rule"),
+         "curriculum_reward": (_wrong_curriculum_reward, "lam = 1 exactly"),
+         "group_advantages": (_wrong_group_advantages, "normalise each query's G rewards on their own"),
+         "grpo_loss": (_wrong_grpo_loss, "clip the ratio"),
+         "recall_at": (_wrong_recall_at, "a hit rate")}
+CHECK_CELLS = [(p.name, src) for p in NOTEBOOKS for src in _cells(p, "exercise-check")]
+
+
+def test_every_notebook_has_exercises_and_eight_stubs_each_with_a_check():
+    course = _course()
+    stubs = {}
+    for p in NOTEBOOKS:
+        n_ex = sum(len(re.findall(r"^### Exercise", "".join(c["source"]), flags=re.M))
+                   for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown")
+        assert n_ex >= 3, f"{p.name}: {n_ex} exercises"
+        for src in _cells(p, "exercise-stub"):
+            name = src.split("(")[0].removeprefix("def ").strip()
+            assert "raise NotImplementedError" in src and f"course.check_{name}({name})" in {
+                c.strip() for c in _cells(p, "exercise-check")}, f"{p.name}: stub {name} has no check cell"
+            stubs[name] = p.name
+    assert len(stubs) >= 8 and set(stubs) == set(course.REFERENCE) == set(WRONG)
+
+
+@pytest.mark.parametrize("nb_name,src", CHECK_CELLS, ids=[s.split("(")[-1].rstrip(")") for _, s in CHECK_CELLS])
+def test_check_cell_passes_the_reference_and_stops_a_wrong_function(nb_name, src, capsys):
+    course = _course()
+    name = src.split("(")[-1].rstrip(")")
+    assert eval(src, {"course": course, name: course.REFERENCE[name]}) is True
+    assert f"[x] {name}: passed" in capsys.readouterr().out
+    wrong, words = WRONG[name]
+    with pytest.raises(course.CheckFailed, match=re.escape(words)) as e:
+        eval(src, {"course": course, name: wrong})
+    assert "expected" in str(e.value) or "hint" in str(e.value)
+    ns = {"R": R, "course": course}
+    exec(next(s for s in _cells(ROOT / "notebooks" / nb_name, "exercise-stub") if s.startswith(f"def {name}(")), ns)
+    assert eval(src, ns) is False  # the committed stub: a reminder, no error
+    assert "not implemented yet" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- robustness: resume, determinism, safe loading
