@@ -2539,14 +2539,20 @@ def description_accuracy(theta: Reasoner, emb: Embedder, pairs: list) -> dict:
             return {}
         con_t.append(bb.ids(caption(cand)) + [bb.tid("<eos>")])
         rel_t.append(bb.ids(describe_relation(target, cand)) + [bb.tid("<eos>")])
-    out = {}
+    out, chunk = {}, 32  # pairs per forward: a pretrained LM's (rows, L, 49k) logits stay a few hundred MB
     for name, comp in (("compressed", True), ("full", False)):
-        x, mask, labels = alignment_batch(theta, emb, pairs, con_t, rel_t, compressed=comp)
-        _, pred, valid = lm_loss(bb, x, mask, labels)
-        ok = (pred == labels[:, 1:]) & valid
-        n = len(pairs)
-        out[f"content_acc_{name}"] = ok[:n].sum().item() / max(1, valid[:n].sum().item())
-        out[f"relation_acc_{name}"] = ok[n:].sum().item() / max(1, valid[n:].sum().item())
+        right = {"content": 0, "relation": 0}
+        count = {"content": 0, "relation": 0}
+        for a in range(0, len(pairs), chunk):
+            sl = slice(a, a + chunk)
+            x, mask, labels = alignment_batch(theta, emb, pairs[sl], con_t[sl], rel_t[sl], compressed=comp)
+            _, pred, valid = lm_loss(bb, x, mask, labels)
+            ok, n = (pred == labels[:, 1:]) & valid, len(pairs[sl])  # rows: n contents, then n relations
+            for kind, rows in (("content", slice(0, n)), ("relation", slice(n, None))):
+                right[kind] += ok[rows].sum().item()
+                count[kind] += valid[rows].sum().item()
+        for kind in right:
+            out[f"{kind}_acc_{name}"] = right[kind] / max(1, count[kind])
     return out
 
 
@@ -3739,12 +3745,15 @@ def train(cfg: Config, verbose: bool = True) -> dict:
     out = {}
     fns = {"warmup": warmup, "retriever": train_retriever, "icm": align_icm, "sft": train_sft,
            "grpo": train_grpo}
+    dev, _ = pick_device(cfg, verbose=False)
     for s in stages:
         if stage_done(cfg, s):
             if verbose:
                 print(f"[train] {s}: already done in {cfg.run_dir}/{s} (skipped)")
             continue
         t0 = time.time()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         try:
             out[s] = fns[s](cfg, verbose=verbose)
         except StopRun as e:
@@ -3752,7 +3761,8 @@ def train(cfg: Config, verbose: bool = True) -> dict:
             out[s] = {"stopped": True}
             return out
         if verbose:
-            print(f"[train] {s}: {time.time() - t0:.1f}s")
+            print(f"[train] {s}: {time.time() - t0:.1f}s, peak memory {peak_mem_mb(dev):.0f} MB "
+                  f"({'GPU, this stage' if dev.type == 'cuda' else 'process RSS so far'})")
     return out
 
 
