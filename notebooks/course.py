@@ -30,11 +30,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where retrv_r1.py lives
+ROOT = Path(__file__).resolve().parents[1]  # the repository root, where retrv_r1.py lives
+sys.path.insert(0, str(ROOT))
 import retrv_r1 as R  # noqa: E402
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def setup(stages: str) -> R.Config:
@@ -126,9 +124,14 @@ def _tensor_case(name: str, fn, ref, args: tuple, hints, atol: float = 1e-5, kwa
 
 
 def _close(a, b, atol: float) -> bool:
+    """Do a known wrong answer a and the student's b agree (then that mistake's hint applies)?"""
     a = a if isinstance(a, tuple) else (a,)
     b = b if isinstance(b, tuple) else (b,)
-    return all(torch.allclose(torch.as_tensor(x).float(), torch.as_tensor(y).float(), atol=atol) for x, y in zip(a, b))
+    try:
+        return len(a) == len(b) and all(torch.allclose(torch.as_tensor(x).float(), torch.as_tensor(y).float(), atol=atol)
+                                        for x, y in zip(a, b))
+    except (RuntimeError, TypeError, ValueError):  # shapes or types that cannot be compared: not this mistake
+        return False
 
 
 def _report(name: str, body) -> bool:
